@@ -1,0 +1,10 @@
+"""Command-line registration for `timetravel_api`. Subcommands are added here as they land."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add this package's commands to the ``timetravel`` dispatcher (none yet)."""
+    del sub
