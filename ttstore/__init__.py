@@ -1,6 +1,22 @@
 """Shared by every Timetravel package: the store (URLs, filesystems, atomic put), time, and the
 Arrow schemas of what is stored."""
 
+import typing as _typing
+
+from ._auth import (
+    ANONYMOUS,
+    READ,
+    SCOPES,
+    WRITE,
+    Authenticator,
+    AuthNotConfigured,
+    Forbidden,
+    InvalidTokensFile,
+    Principal,
+    Unauthorized,
+    load_tokens,
+    parse_tokens,
+)
 from ._config import (
     DEFAULT_STORE,
     ENV_AWS_ENDPOINT_URL,
@@ -53,7 +69,93 @@ from ._time import (
     utc_date,
 )
 
+# The HTTP plumbing pulls in aiohttp and prometheus_client; only servers need it, so it loads on
+# first use rather than with every ``import ttstore`` (a service embedding the logger, the CLI).
+_HTTP_NAMES = frozenset((
+    "ARROW_STREAM",
+    "PUBLIC",
+    "InvalidBody",
+    "Route",
+    "RouteTable",
+    "UnsupportedMediaType",
+    "add_server_options",
+    "arrow_response",
+    "auth_from_args",
+    "error_response",
+    "json_response",
+    "make_app",
+    "principal",
+    "read_body",
+    "read_json",
+    "run_app",
+    "serve",
+    "wants_arrow",
+))
+
+if _typing.TYPE_CHECKING:
+    from ._http import (
+        ARROW_STREAM,
+        PUBLIC,
+        InvalidBody,
+        Route,
+        RouteTable,
+        UnsupportedMediaType,
+        add_server_options,
+        arrow_response,
+        auth_from_args,
+        error_response,
+        json_response,
+        make_app,
+        principal,
+        read_body,
+        read_json,
+        run_app,
+        serve,
+        wants_arrow,
+    )
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _HTTP_NAMES:
+        from . import _http
+
+        value = getattr(_http, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "ANONYMOUS",
+    "READ",
+    "SCOPES",
+    "WRITE",
+    "Authenticator",
+    "AuthNotConfigured",
+    "Forbidden",
+    "InvalidTokensFile",
+    "Principal",
+    "Unauthorized",
+    "load_tokens",
+    "parse_tokens",
+    "ARROW_STREAM",
+    "PUBLIC",
+    "InvalidBody",
+    "Route",
+    "RouteTable",
+    "UnsupportedMediaType",
+    "add_server_options",
+    "arrow_response",
+    "auth_from_args",
+    "error_response",
+    "json_response",
+    "make_app",
+    "principal",
+    "read_body",
+    "read_json",
+    "run_app",
+    "serve",
+    "wants_arrow",
     "AGGREGATIONS",
     "DEFAULT_STORE",
     "ENTITY_TYPES",
