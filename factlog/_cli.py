@@ -16,4 +16,6 @@ def register(sub: Any) -> None:
         description="Facts: the ingest server, compaction and data-quality stats.",
     )
     fsub = facts.add_subparsers(dest="facts_command", metavar="SUBCOMMAND", required=True)
-    del fsub  # subcommands register here as they land
+    from . import _server  # noqa: PLC0415
+
+    _server.register_cli(fsub)
