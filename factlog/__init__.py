@@ -4,6 +4,7 @@ Public surface: fact type declarations, the catalog that keeps their versions in
 validation that turns producer rows into stored facts, and the errors.
 """
 
+from ._compact import CompactionConfig, CompactionReport, Compactor, PartitionCompaction
 from ._errors import (
     BufferFull,
     FactlogError,
@@ -11,15 +12,25 @@ from ._errors import (
     FactValidationError,
     FlushTimeout,
     LoggerClosed,
+    PartitionInconsistent,
     UnknownFactType,
 )
 from ._facttypes import Declared, FactType, FactTypeCatalog
+from ._partitions import CompactionRecord, FactFile
+from ._reader import FactReader
+from ._stats import StatsConfig, fact_stats
 from ._validate import DEFAULT_SKEW_US, Rejection, rows_to_table, table_to_facts
 
 __all__ = [
     "DEFAULT_SKEW_US",
     "BufferFull",
+    "CompactionConfig",
+    "CompactionRecord",
+    "CompactionReport",
+    "Compactor",
     "Declared",
+    "FactFile",
+    "FactReader",
     "FactType",
     "FactTypeCatalog",
     "FactTypeError",
@@ -27,8 +38,12 @@ __all__ = [
     "FactlogError",
     "FlushTimeout",
     "LoggerClosed",
+    "PartitionCompaction",
+    "PartitionInconsistent",
     "Rejection",
+    "StatsConfig",
     "UnknownFactType",
+    "fact_stats",
     "rows_to_table",
     "table_to_facts",
 ]

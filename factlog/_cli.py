@@ -19,3 +19,9 @@ def register(sub: Any) -> None:
     from . import _server  # noqa: PLC0415
 
     _server.register_cli(fsub)
+    from ._compact import register_cli as compact_cli  # noqa: PLC0415
+
+    compact_cli(fsub)
+    from ._stats import register_cli as stats_cli  # noqa: PLC0415
+
+    stats_cli(fsub)

@@ -9,7 +9,9 @@ Hierarchy::
         ├── FactValidationError      a fact that fails validation; names type, field, reason (400)
         ├── BufferFull               log_batch() waited its bound for buffer room (503)
         ├── FlushTimeout             flush()/close() did not finish in time (503)
-        └── LoggerClosed             the logger was closed (503)
+        ├── LoggerClosed             the logger was closed (503)
+        └── PartitionInconsistent    a fact partition's listing stayed torn: a compaction record
+                                     names outputs that are missing (503)
 """
 
 from __future__ import annotations
@@ -67,4 +69,9 @@ class FlushTimeout(FactlogError, TimeoutError):
 
 class LoggerClosed(FactlogError):
     code = "logger_closed"
+    http_status = 503
+
+
+class PartitionInconsistent(FactlogError):
+    code = "inconsistent_partition"
     http_status = 503

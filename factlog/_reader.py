@@ -1,0 +1,338 @@
+"""Reading facts back: the scan the time-travel engine is built on.
+
+A scan lists the live files of the partitions (UTC dates of ``event_time``) its time range
+touches, reads them with ``pyarrow.dataset`` (row groups pruned by the entity filter, pushed down
+to the Parquet statistics; compacted files are sorted by entity, so the pruning bites), keeps the
+counting copy of every fact (SPEC §3, see ``_dedup``), then applies the ``event_time`` and
+``logged_at`` bounds, and returns Arrow sorted by (entity, event_time, logged_at, fact_id).
+
+The time bounds are applied *after* deduplication: which copy of a fact counts is decided over all
+copies the scan read, so an answer never depends on the query time or on compaction.
+
+Known limitation: copies of one ``fact_id`` whose ``event_time`` fall on different UTC dates live
+in different partitions. A scan that reads only one of those partitions cannot see the other copy,
+and compaction (one partition at a time) cannot merge them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ttstore import US_PER_DAY, InvalidInput, Store, StoreUnavailable
+
+from ._dedup import (
+    DuplicateGroups,
+    choose_winners,
+    dedup_table,
+    find_duplicates,
+    nulls_first,
+)
+from ._facttypes import FactType, FactTypeCatalog
+from ._partitions import FactFile, Partition, RecordCache, list_partitions
+
+#: Columns a deduplicating scan always reads, whatever was asked for.
+KEY_COLUMNS = ("fact_id", "event_time", "logged_at", "ingested_at", "producer")
+DEFAULT_SCHEMA_REFRESH_S = 5.0
+_PARQUET = ds.ParquetFileFormat()
+
+
+class FactReader:
+    """Scans facts from a store, deduplicated, as Arrow.
+
+    Args:
+        store: where the facts are.
+        catalog: the fact type catalog (one on ``store`` by default).
+        schema_refresh_s: how long a fact type's latest schema is trusted before it is re-read,
+            so a long-lived reader sees fields added later.
+
+    Thread-safe.
+    """
+
+    def __init__(
+        self, store: Store, *, catalog: FactTypeCatalog | None = None,
+        schema_refresh_s: float = DEFAULT_SCHEMA_REFRESH_S,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog or FactTypeCatalog(store)
+        self.schema_refresh_s = schema_refresh_s
+        self._records = RecordCache()
+        self._schema_at: dict[str, float] = {}
+
+    # -- listing ---------------------------------------------------------------------------------
+    def fact_type(self, name: str) -> FactType:
+        """The latest declared version of ``name`` (re-read every ``schema_refresh_s``).
+
+        Raises:
+            UnknownFactType: it was never declared.
+        """
+        now = time.monotonic()
+        stale = now - self._schema_at.get(name, -np.inf) > self.schema_refresh_s
+        ft = self.catalog.get(name, refresh=stale)
+        if stale:
+            self._schema_at[name] = now
+        return ft
+
+    def partitions(
+        self, fact_type: str, *, start_us: int | None = None, end_us: int | None = None
+    ) -> list[Partition]:
+        """The partitions of ``fact_type`` that can hold an ``event_time`` in the range."""
+        _check_range(start_us, end_us)
+        return list_partitions(
+            self.store, fact_type,
+            first_day=None if start_us is None else start_us // US_PER_DAY,
+            last_day=None if end_us is None else end_us // US_PER_DAY,
+            cache=self._records,
+        )
+
+    def live_files(
+        self, fact_type: str, *, start_us: int | None = None, end_us: int | None = None
+    ) -> list[FactFile]:
+        """The files a scan of this range would read: in the date partitions the range touches,
+        the raw files no committed compaction replaced, plus the committed compacted files."""
+        self.fact_type(fact_type)
+        return [f for p in self.partitions(fact_type, start_us=start_us, end_us=end_us)
+                for f in p.live]
+
+    def conflicts(
+        self, fact_type: str, *, start_us: int | None = None, end_us: int | None = None
+    ) -> pa.Table:
+        """The facts whose live copies conflict (same entity and fact_id, different payload or
+        ``event_time``), in the partitions of the range: columns (entity, ``fact_id``), sorted.
+        Conflicts that compaction already resolved are in its commit records (``facts stats``
+        reports both)."""
+        ft = self.fact_type(fact_type)
+        schema = ft.arrow_schema().remove_metadata()
+        table = read_files(self.store, self.live_files(fact_type, start_us=start_us,
+                                                       end_us=end_us), schema)
+        res = dedup_table(table, entity=ft.entity_name, fields=list(ft.fields),
+                          json_fields=[f for f, t in ft.fields.items() if t == "json"])
+        out = pa.table({ft.entity_name: res.conflict_entities, "fact_id": res.conflict_fact_ids})
+        return out.sort_by([(ft.entity_name, "ascending"), ("fact_id", "ascending")])
+
+    # -- scanning --------------------------------------------------------------------------------
+    def scan(
+        self,
+        fact_type: str,
+        *,
+        entities: Sequence[Any] | pa.Array | pa.ChunkedArray | None = None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+        logged_before_us: int | None = None,
+        columns: Sequence[str] | None = None,
+        dedup: bool = True,
+    ) -> pa.Table:
+        """The facts of ``fact_type``, one row per fact.
+
+        Args:
+            fact_type: a declared fact type.
+            entities: only these entity keys (of the declared key type; int64 keys may be given
+                as decimal strings). None: every entity.
+            start_us: only ``event_time >= start_us``.
+            end_us: only ``event_time <= end_us``.
+            logged_before_us: only ``logged_at <= logged_before_us`` (the knowledge time),
+                applied after deduplication.
+            columns: the output columns, in this order (default: the whole latest schema).
+            dedup: keep one copy per (entity, fact_id) (SPEC §3). False returns every live copy.
+
+        Returns:
+            A table in the latest schema of the fact type (fields that older files lack are
+            null), sorted by (entity, event_time, logged_at, fact_id).
+
+        Raises:
+            UnknownFactType: the fact type was never declared.
+            InvalidInput: an unknown column, a malformed entity key, or start after end.
+            StoreUnavailable: the store could not be read.
+        """
+        ft = self.fact_type(fact_type)
+        schema = ft.arrow_schema().remove_metadata()
+        out_cols = _output_columns(schema, columns)
+        ent = None if entities is None else _entity_array(entities, schema.field(ft.entity_name))
+        _check_range(start_us, end_us)
+        if ent is not None and len(ent) == 0:
+            return schema.empty_table().select(out_cols)
+        read_cols = list(out_cols)
+        for c in (ft.entity_name, *KEY_COLUMNS):
+            if c not in read_cols:
+                read_cols.append(c)
+        filt = None if ent is None else pc.field(ft.entity_name).isin(ent)
+
+        for attempt in range(2):
+            files = self.live_files(fact_type, start_us=start_us, end_us=end_us)
+            try:
+                table = self._read(files, schema, read_cols, filt)
+                if dedup:
+                    table = self._dedup(ft, schema, files, table, read_cols, filt)
+                break
+            except FileNotFoundError:
+                # A file listed and then deleted after its compaction's grace period: the
+                # compacted file is live now, a fresh listing finds it.
+                if attempt:
+                    raise StoreUnavailable(
+                        f"fact type {fact_type!r}: files kept disappearing during the scan"
+                    ) from None
+        table = _bounds(table, start_us, end_us, logged_before_us)
+        return sort_facts(table, ft.entity_name, tiebreak=not dedup).select(out_cols)
+
+    def _read(
+        self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],
+        filt: pc.Expression | None,
+    ) -> pa.Table:
+        return read_files(self.store, files, schema, columns=columns, filter=filt)
+
+    def _dedup(
+        self, ft: FactType, schema: pa.Schema, files: Sequence[FactFile], table: pa.Table,
+        read_cols: Sequence[str], filt: pc.Expression | None,
+    ) -> pa.Table:
+        entity = ft.entity_name
+        fields = list(ft.fields)
+        json_fields = [f for f, t in ft.fields.items() if t == "json"]
+        if all(f in read_cols for f in fields):
+            return dedup_table(table, entity=entity, fields=fields, json_fields=json_fields).table
+        dups = find_duplicates(table, entity)
+        if dups.empty:
+            return table
+        # Without the payload, the smallest logged_at decides every group where it is unique.
+        w = choose_winners(table, dups, fields=None)
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[dups.rows] = False
+        keep[w.rows[~w.tied]] = True
+        if not w.tied.any():
+            return table.filter(pa.array(keep))
+        # The rest need the payload: read every column of just those facts again.
+        tied_ids = _tied_ids(table, dups, w.tied)
+        full_filter = pc.field("fact_id").isin(tied_ids)
+        if filt is not None:
+            full_filter = full_filter & filt
+        full = self._read(files, schema, schema.names, full_filter)
+        resolved = dedup_table(full, entity=entity, fields=fields, json_fields=json_fields).table
+        return pa.concat_tables([table.filter(pa.array(keep)), resolved.select(list(read_cols))])
+
+
+def read_files(
+    store: Store, files: Sequence[FactFile], schema: pa.Schema, *,
+    columns: Sequence[str] | None = None, filter: pc.Expression | None = None,
+) -> pa.Table:
+    """Every row of ``files`` in ``schema`` (missing fields null), without deduplication.
+
+    Raises:
+        FileNotFoundError: a file is gone (deleted after its compaction's grace period).
+        StoreUnavailable: the store could not be read.
+    """
+    cols = list(schema.names if columns is None else columns)
+    if not files:
+        return schema.empty_table().select(cols)
+    fs, root = store.arrow_filesystem()
+    dataset = ds.FileSystemDataset.from_paths(
+        [f"{root}/{f.key}" for f in files], schema=schema, format=_PARQUET, filesystem=fs
+    )
+    try:
+        return dataset.to_table(columns=cols, filter=filter, use_threads=True)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "NoSuchKey" in str(exc) or "does not exist" in str(exc):
+            raise FileNotFoundError(str(exc)) from exc
+        raise StoreUnavailable(f"store unavailable while reading facts: {exc}") from exc
+
+
+def _tied_ids(table: pa.Table, dups: DuplicateGroups, tied: np.ndarray) -> pa.Array:
+    rows = dups.rows[tied[dups.group]]
+    return pc.unique(table.column("fact_id").take(pa.array(rows)).combine_chunks())
+
+
+def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
+    """Sort by (entity, event_time, logged_at, fact_id); with ``tiebreak`` also by
+    (ingested_at, producer), for tables that still hold several copies of a fact."""
+    if table.num_rows < 2:
+        return table.combine_chunks()
+    keys = {k: table.column(k) for k in (entity, "event_time", "logged_at", "fact_id")}
+    if tiebreak:
+        if "ingested_at" in table.column_names:
+            keys["~ingested"] = table.column("ingested_at")
+        if "producer" in table.column_names:
+            keys["~producer_set"], keys["~producer"] = nulls_first(table.column("producer"))
+    idx = pc.sort_indices(pa.table(keys), [(k, "ascending") for k in keys])
+    return table.take(idx)
+
+
+def _bounds(
+    table: pa.Table, start_us: int | None, end_us: int | None, logged_before_us: int | None
+) -> pa.Table:
+    if start_us is None and end_us is None and logged_before_us is None:
+        return table
+    mask = np.ones(table.num_rows, dtype=bool)
+    if start_us is not None or end_us is not None:
+        ev = table.column("event_time").cast(pa.int64()).to_numpy()
+        if start_us is not None:
+            mask &= ev >= start_us
+        if end_us is not None:
+            mask &= ev <= end_us
+    if logged_before_us is not None:
+        mask &= table.column("logged_at").cast(pa.int64()).to_numpy() <= logged_before_us
+    return table if mask.all() else table.filter(pa.array(mask))
+
+
+def _check_range(start_us: int | None, end_us: int | None) -> None:
+    if start_us is not None and end_us is not None and start_us > end_us:
+        raise InvalidInput("start is after end", field="start_us")
+
+
+def _output_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str]:
+    if columns is None:
+        return list(schema.names)
+    cols = list(columns)
+    unknown = [c for c in cols if c not in schema.names]
+    if unknown:
+        raise InvalidInput(f"unknown columns {unknown}; known: {schema.names}", field="columns")
+    if len(set(cols)) != len(cols):
+        raise InvalidInput("a column is named twice", field="columns")
+    return cols
+
+
+def _entity_array(values: Any, field: pa.Field) -> pa.Array:
+    """Entity keys in the declared type; int64 keys also from decimal strings (exact > 2^53)."""
+    try:
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        if isinstance(values, pa.Array):
+            arr = values
+        elif isinstance(values, np.ndarray):
+            arr = pa.array(values)
+        else:
+            arr = _python_keys(list(values), field.type)
+        if len(arr) == 0:
+            return pa.array([], field.type)
+        if arr.type != field.type:
+            # Only decimal strings may become int64 keys; nothing else is converted, so "007"
+            # stays a string key and a float never silently becomes an int.
+            if not (pa.types.is_integer(field.type)
+                    and (pa.types.is_string(arr.type) or pa.types.is_integer(arr.type))):
+                raise pa.ArrowInvalid(f"got {arr.type}")
+            arr = arr.cast(field.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError,
+            ValueError, OverflowError) as exc:
+        raise InvalidInput(
+            f"entity keys must be {field.type} ({field.name}): {exc}", field="entities"
+        ) from exc
+    if arr.null_count:
+        raise InvalidInput("entity keys must not be null", field="entities")
+    return pc.unique(arr)
+
+
+def _python_keys(values: list[Any], typ: pa.DataType) -> pa.Array:
+    if any(isinstance(v, bool | float) for v in values):
+        raise TypeError("entity keys are int64 or string, not bool or float")
+    try:
+        return pa.array(values, typ)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        if not pa.types.is_integer(typ):
+            raise
+    # int64 keys given as a mix of ints and decimal strings (JSON clients above 2^53)
+    return pa.array([v if isinstance(v, int) else int(str(v), 10) for v in values], typ)
