@@ -24,9 +24,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import pyarrow as pa
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
@@ -50,6 +49,7 @@ from ttstore._cli import add_common_options, open_store
 
 from ._bodies import FACT_BODY_TYPES, body_kind, parse_facts
 from ._facttypes import FactType, FactTypeCatalog
+from ._logger import FactLogger
 from ._validate import DEFAULT_SKEW_US
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,6 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVER_PRODUCER = "timetravel-ingest"
 
 T = TypeVar("T")
-
-
-class FactSink(Protocol):
-    """Where accepted facts go: :class:`factlog.FactLogger` implements it."""
-
-    def append_facts(self, fact_type: str, facts: pa.Table, *, timeout_s: float) -> int: ...
-    async def await_durable(self, seq: int, timeout_s: float) -> None: ...
-    async def aflush(self, timeout_s: float) -> None: ...
-    async def aclose(self, timeout_s: float) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,14 +93,6 @@ class IngestConfig:
             raise ValueError("IngestConfig.skew_us must not be negative")
 
 
-def _default_sink(store: Store, spool_dir: Path, clock: Clock) -> FactSink:
-    from ._logger import FactLogger  # noqa: PLC0415
-
-    sink: FactSink = FactLogger(store=store, producer=SERVER_PRODUCER, spool_dir=spool_dir,
-                                clock=clock)
-    return sink
-
-
 class _Ingest:
     def __init__(self, *, store: Store, clock: Clock, config: IngestConfig,
                  registry: CollectorRegistry) -> None:
@@ -117,7 +100,7 @@ class _Ingest:
         self.clock = clock
         self.config = config
         self.catalog = FactTypeCatalog(store, clock=clock)
-        self.sink: FactSink | None = None
+        self.logger: FactLogger | None = None
         self.facts = Counter("timetravel_ingest_facts_total",
                              "facts received over HTTP, by fact type and outcome",
                              ["fact_type", "outcome"], registry=registry)
@@ -130,10 +113,18 @@ class _Ingest:
         return await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(fn, *args, **kwargs))
 
-    def _sink(self) -> FactSink:
-        if self.sink is None:
+    def _logger(self) -> FactLogger:
+        if self.logger is None:
             raise RuntimeError("the ingest server's logger is not running")
-        return self.sink
+        return self.logger
+
+    def health(self) -> dict[str, Any]:
+        if self.logger is None:
+            return {"service": "ingest"}
+        s = self.logger.stats()
+        return {"service": "ingest", "writer_id": s.writer_id, "accepted": s.accepted,
+                "durable": s.durable, "written": s.written, "spool_segments": s.spool_segments,
+                "last_flush_age_s": round(s.last_flush_age_s, 3)}
 
     async def put_fact_type(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["name"], what="fact type")
@@ -171,11 +162,11 @@ class _Ingest:
                 parsed = await self._off_loop(parse, fresh)
         accepted = parsed.table.num_rows
         if accepted:
-            sink = self._sink()
+            logger = self._logger()
             timeout_s = self.config.durable_timeout_s
-            seq = await self._off_loop(sink.append_facts, name, parsed.table,
+            seq = await self._off_loop(logger.append_facts, name, parsed.table,
                                        timeout_s=timeout_s)
-            await sink.await_durable(seq, timeout_s)
+            await logger.await_durable(seq, timeout_s)
         self.facts.labels(name, "accepted").inc(accepted)
         self.facts.labels(name, "rejected").inc(len(parsed.rejected))
         for r in parsed.rejected:
@@ -185,7 +176,7 @@ class _Ingest:
             status=202)
 
     async def flush(self, request: web.Request) -> web.Response:
-        await self._sink().aflush(self.config.flush_timeout_s)
+        await self._logger().aflush(self.config.flush_timeout_s)
         return json_response({"flushed": True})
 
 
@@ -196,7 +187,6 @@ def make_ingest_app(
     auth: Authenticator,
     clock: Clock,
     config: IngestConfig | None = None,
-    sink_factory: Callable[[Store, Path, Clock], FactSink] | None = None,
 ) -> web.Application:
     """The ingest server's aiohttp application.
 
@@ -209,29 +199,27 @@ def make_ingest_app(
             same directory uploads what is left.
         auth: bearer tokens, or no auth (see :meth:`ttstore.Authenticator.from_options`).
         clock: stamps ``logged_at`` and ``ingested_at``.
-        sink_factory: builds the sink; a :class:`factlog.FactLogger` by default.
+        config: limits and timeouts.
     """
     config = config or IngestConfig()
     registry = CollectorRegistry()
     ingest = _Ingest(store=store, clock=clock, config=config, registry=registry)
-    factory = sink_factory or _default_sink
     spool = Path(spool_dir)
 
     routes = _routes(ingest)
     app = make_app(routes, auth=auth, title="timetravel ingest", registry=registry,
-                   max_body_bytes=config.max_body_bytes, health=lambda: {"service": "ingest"})
+                   max_body_bytes=config.max_body_bytes, health=ingest.health)
 
     async def logger_ctx(app: web.Application) -> AsyncIterator[None]:
-        sink = await ingest._off_loop(factory, store, spool, clock)
-        ingest.sink = sink
-        collector = getattr(sink, "metrics_collector", None)
-        if callable(collector):
-            registry.register(collector())
+        logger = await ingest._off_loop(
+            FactLogger, store=store, producer=SERVER_PRODUCER, spool_dir=spool, clock=clock)
+        logger.metrics_collector(registry)
+        ingest.logger = logger
         try:
             yield
         finally:
             try:
-                await sink.aclose(config.shutdown_flush_timeout_s)
+                await logger.aclose(config.shutdown_flush_timeout_s)
             except Exception as exc:  # the spool keeps what was not uploaded
                 log.warning("final flush did not finish (%s); the spool in %s keeps the rest "
                             "for the next start", exc, spool)
