@@ -117,7 +117,7 @@ class LocalBackend:
     def get(self, k: str) -> bytes:
         try:
             return self._path(k).read_bytes()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError) as exc:  # a prefix is not an object
             raise ObjectNotFound(f"{k} not found") from exc
 
     def exists(self, k: str) -> bool:
@@ -185,7 +185,7 @@ class S3Backend:
         try:
             return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
         except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{kwargs.get('Key')} not found") from exc
+            raise _not_found(exc, str(kwargs.get("Key"))) from exc
         except FileExistsError as exc:  # s3fs's translation of 412 PreconditionFailed
             raise ObjectExists(f"{kwargs.get('Key')} already exists") from exc
         except PermissionError as exc:
@@ -235,7 +235,7 @@ class S3Backend:
         try:
             data: bytes = self.fs.cat_file(f"{self.bucket}/{self._key(k)}")
         except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{k} not found") from exc
+            raise _not_found(exc, k) from exc
         except Exception as exc:
             raise _translate(exc, k) from exc
         return data
@@ -291,6 +291,16 @@ class S3Backend:
         return fs, root
 
 
+def _not_found(exc: FileNotFoundError, k: str) -> StoreError:
+    """s3fs reports a missing bucket as FileNotFoundError too; that is no missing object."""
+    cause = exc.__cause__
+    if isinstance(cause, Exception):
+        err = _translate(cause, k)
+        if err.code == "no_such_bucket":
+            return err
+    return ObjectNotFound(f"{k} not found")
+
+
 def _translate(exc: Exception, k: str) -> StoreError:
     """Map botocore/aiohttp/OS errors to the store's own."""
     code = ""
@@ -302,10 +312,10 @@ def _translate(exc: Exception, k: str) -> StoreError:
         status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
         return ObjectExists(f"{k} already exists")
+    if code in ("NoSuchBucket",):  # before the 404 test: a missing bucket is no missing object
+        return StoreError(f"bucket does not exist: {exc}", code="no_such_bucket")
     if code in ("NoSuchKey", "404", "NotFound") or status == 404:
         return ObjectNotFound(f"{k} not found")
-    if code in ("NoSuchBucket",):
-        return StoreError(f"bucket does not exist: {exc}", code="no_such_bucket")
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return StoreError(f"access denied for {k}: {code}", code="store_access_denied")
     return StoreUnavailable(f"store unavailable ({type(exc).__name__}: {exc})")
@@ -330,6 +340,10 @@ class Store:
             self.backend = S3Backend(parsed.netloc, parsed.path)
             self.is_local = False
         elif parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):  # file://data/x would silently mean /x
+                raise InvalidKey(
+                    f"store URL {url!r} names a host; use file:///absolute/path", field="store"
+                )
             self.backend = LocalBackend(Path(parsed.path))
             self.is_local = True
         elif parsed.scheme == "" or len(parsed.scheme) == 1:  # plain path (or C:\ on Windows)
