@@ -99,7 +99,7 @@ def parse_timestamp(value: object, *, field: str) -> int:
         raise InvalidTimestamp(
             f"{field}: expected an RFC 3339 string, got {type(value).__name__}", field=field
         )
-    m = _RFC3339.match(value)
+    m = _RFC3339.fullmatch(value)  # fullmatch: "$" alone would accept a trailing newline
     if m is None:
         if re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?$", value):
             reason = "has no time zone offset (add Z or +HH:MM)"
@@ -119,6 +119,8 @@ def parse_timestamp(value: object, *, field: str) -> int:
     if frac:
         us += int(frac.ljust(6, "0"))
     if off not in ("Z", "z"):
+        if int(off[1:3]) > 23 or int(off[4:6]) > 59:
+            raise InvalidTimestamp(f"{field}: {value!r} has an invalid offset", field=field)
         sign = 1 if off[0] == "+" else -1
         us -= sign * (int(off[1:3]) * 3600 + int(off[4:6]) * 60) * US_PER_S
     return us
@@ -145,7 +147,7 @@ def parse_duration(value: str, *, field: str = "duration") -> int:
     Raises:
         InvalidDuration: naming ``field``.
     """
-    m = _DURATION.match(value) if isinstance(value, str) else None
+    m = _DURATION.fullmatch(value) if isinstance(value, str) else None
     if m is None:
         raise InvalidDuration(
             f"{field}: {value!r} is not a duration like 30s, 15m, 12h or 7d", field=field
