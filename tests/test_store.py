@@ -328,6 +328,8 @@ def test_local_readers_never_see_a_partial_object(local_store: Store) -> None:
         ("a b",),
         ("a\\b",),
         ("a\x00b",),
+        ("play\n",),
+        ("facts", "x\n"),
         ("naïve",),
         ("x" * 256,),
         ("-rf",),

@@ -41,7 +41,7 @@ def check_name(name: object, *, what: str) -> str:
     Raises:
         InvalidInput: naming ``what``.
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # "$" alone allows "x\n"
         raise InvalidInput(
             f"{what} {name!r} is not a valid name (must match {NAME_PATTERN})",
             field=what,

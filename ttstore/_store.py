@@ -43,7 +43,7 @@ def key(*components: str) -> str:
     """
     for c in components:
         for part in c.split("/"):
-            if not _COMPONENT.match(part) or part in (".", "..") or part.startswith(".."):
+            if not _COMPONENT.fullmatch(part) or part in (".", "..") or part.startswith(".."):
                 raise InvalidKey(f"unsafe store key component {part!r}", field="key")
     return "/".join(components)
 
