@@ -1,0 +1,61 @@
+"""snapshotter's errors.
+
+Hierarchy::
+
+    TimetravelError (ttstore)
+    └── SnapshotterError                 root of snapshotter's errors
+        ├── SelectionError               a sample design that cannot be honoured (400), e.g.
+        │                                ``n`` below the number of non-empty strata
+        ├── PopulationError              a population that cannot be read or lacks a column (400)
+        └── SelectionNotFound            no context set with that id, or none selected by now (404)
+
+Errors from dependencies (pyarrow, the store) are translated at the boundary with
+``raise ... from exc``; store errors (:class:`ttstore.StoreError`) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from ttstore import TimetravelError
+
+
+class SnapshotterError(TimetravelError):
+    """Root of every error the snapshotter raises on purpose."""
+
+    code = "snapshotter_error"
+    http_status = 500
+
+
+class SelectionError(SnapshotterError, ValueError):
+    """A sample design that cannot be honoured (bad ``n``, allocation or strata).
+
+    Attributes:
+        field: the option at fault (``n``, ``allocation``, ``strata``, ...), when known.
+    """
+
+    code = "invalid_selection"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+
+class PopulationError(SnapshotterError, ValueError):
+    """The population could not be read, or lacks a named column, or has bad keys."""
+
+    code = "invalid_population"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+
+class SelectionNotFound(SnapshotterError, KeyError):
+    """No context set has that id, or none was selected at or before the given time."""
+
+    code = "selection_not_found"
+    http_status = 404
+
+    def __str__(self) -> str:
+        return self.message
