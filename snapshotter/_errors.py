@@ -7,7 +7,13 @@ Hierarchy::
         ├── SelectionError               a sample design that cannot be honoured (400), e.g.
         │                                ``n`` below the number of non-empty strata
         ├── PopulationError              a population that cannot be read or lacks a column (400)
-        └── SelectionNotFound            no context set with that id, or none selected by now (404)
+        ├── SelectionNotFound            no context set with that id, or none selected by now (404)
+        ├── InvalidRunOption             a bad --shard, --every, --cron or chunk size (400)
+        ├── RunConflict                  a slot's pinned plan (selection, shards, services)
+        │                                disagrees with this invocation (409)
+        ├── RunAlreadyCommitted          the conditional put refused a second commit of a slot (409)
+        └── RunInterrupted               a run stopped on request (SIGTERM) before committing;
+                                         its staged chunks are kept for the resume (503)
 
 Errors from dependencies (pyarrow, the store) are translated at the boundary with
 ``raise ... from exc``; store errors (:class:`ttstore.StoreError`) pass through unchanged.
@@ -59,3 +65,35 @@ class SelectionNotFound(SnapshotterError, KeyError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class InvalidRunOption(SnapshotterError, ValueError):
+    """A snapshot run or schedule option that cannot be honoured."""
+
+    code = "invalid_run_option"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RunConflict(SnapshotterError):
+    """This invocation disagrees with the plan pinned for its slot by the first shard."""
+
+    code = "run_conflict"
+    http_status = 409
+
+
+class RunAlreadyCommitted(SnapshotterError):
+    """A slot's manifest already exists: the conditional put refused a second commit."""
+
+    code = "run_already_committed"
+    http_status = 409
+
+
+class RunInterrupted(SnapshotterError):
+    """The run stopped on request before committing; staged chunks are kept for the resume."""
+
+    code = "run_interrupted"
+    http_status = 503
