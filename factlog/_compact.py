@@ -416,7 +416,7 @@ def _cli_compact(args: Any) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
         return 0
-    out = Console(highlight=False)
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
     t = report.totals()
     done = [p for p in report.partitions if p.status in ("committed", "would_compact")]
     if done:

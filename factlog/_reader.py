@@ -205,8 +205,11 @@ class FactReader:
         keep[w.rows[~w.tied]] = True
         if not w.tied.any():
             return table.filter(pa.array(keep))
-        # The rest need the payload: read every column of just those facts again.
+        # The rest need the payload: read every column of the rows with those fact ids again,
+        # and let them replace every row with those ids (other entities' included).
         tied_ids = _tied_ids(table, dups, w.tied)
+        keep &= ~pc.is_in(table.column("fact_id"), value_set=tied_ids).to_numpy(
+            zero_copy_only=False)
         full_filter = pc.field("fact_id").isin(tied_ids)
         if filt is not None:
             full_filter = full_filter & filt

@@ -243,26 +243,25 @@ def print_stats(report: dict[str, Any]) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    out = Console(highlight=False)
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
     if not report["fact_types"]:
         out.print("no fact types declared")
         return
-    summary = Table("fact type", "facts", "copies", "duplicates (live + compacted)",
-                    "conflicts", "late", "lateness p50 / p99", "imports",
-                    title="facts per type")
+    summary = Table("fact type", "facts", "copies", "duplicates", "conflicts", "late",
+                    "late p50", "late p99", "imports", title="facts per type")
     for s in report["fact_types"]:
         lt, d = s["lateness"], s["duplicates"]
         summary.add_row(
             s["fact_type"], f"{s['facts']:,}", f"{s['copies']:,}",
-            f"{d['total']:,} ({d['live']:,} + {d['removed_by_compaction']:,})",
+            f"{d['total']:,} ({d['removed_by_compaction']:,} compacted)",
             f"{s['conflicts']['count']:,}", f"{lt['late']:,} ({_share(lt['late_share'])})",
-            f"{_secs(lt['p50_s'])} / {_secs(lt['p99_s'])}",
+            _secs(lt["p50_s"]), _secs(lt["p99_s"]),
             f"{s['imports']['count']:,} ({_share(s['imports']['share'])})",
         )
     out.print(summary)
     for s in report["fact_types"]:
         days = Table("date", "facts", "copies", "live files", "awaiting deletion",
-                     "duplicates removed by compaction", title=f"{s['fact_type']} per day")
+                     "removed by compaction", title=f"{s['fact_type']} per day")
         for d in s["days"]:
             days.add_row(d["date"], f"{d['facts']:,}", f"{d['copies']:,}",
                          str(d.get("live_files", 0)), str(d.get("files_awaiting_deletion", 0)),
@@ -282,4 +281,8 @@ def _share(x: float | None) -> str:
 
 
 def _secs(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.3f}s"
+    if x is None:
+        return "-"
+    if abs(x) < 60:
+        return f"{x:.3g}s"
+    return f"{x / 60:.1f}m" if abs(x) < 3600 else f"{x / 3600:,.1f}h"

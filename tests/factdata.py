@@ -113,7 +113,7 @@ def reference_conflicts(copies: list[dict[str, Any]], ft: FactType) -> set[tuple
 
 
 def random_facts(
-    rng: np.random.Generator, n: int, *, n_entities: int = 6, n_ids: int | None = None,
+    rng: np.random.Generator, n: int, *, n_entities: int = 4, n_ids: int | None = None,
     days: int = 3, big_keys: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of PLAY with few entities, fact ids and values, so duplicates, conflicts and ties
@@ -124,13 +124,13 @@ def random_facts(
     for _ in range(n):
         fid = int(rng.integers(0, n_ids))
         # Copies of one fact share its UTC date (the reader's documented partition limit).
-        ev = (T0 + (fid % days) * DAY + int(rng.integers(0, 24)) * H
-              + int(rng.integers(0, 3)) * 1000)
+        ev = (T0 + (fid % days) * DAY + int(rng.choice([0, 1, 12, 23])) * H
+              + int(rng.integers(0, 2)) * 1000)
         rows.append({
             "member_id": base + int(rng.integers(0, n_entities)),
             "fact_id": f"id{fid:04d}",
             "event_time": ev,
-            "logged_at": ev + int(rng.choice([0, 1000, 2 * H])),
+            "logged_at": ev + int(rng.choice([0, 0, 1000, 2 * H])),
             "video_id": int(rng.integers(0, 3)) if rng.random() < 0.9 else None,
             "secs": float(rng.integers(0, 2)) / 2,
             "tag": str(rng.choice(["a", "b", "é"])),

@@ -103,13 +103,13 @@ def test_dedup_rules(store: Store) -> None:
     # w: same id on another entity: a different fact.
     write_facts(store, PLAY, [
         _fact(1, "x", T0, T0 + 10, video_id=2),
-        _fact(1, "y", T0, T0 + 5, secs=2.0),
+        _fact(1, "y", T0, T0 + 5, secs=1.0),
         _fact(1, "z", T0, T0 + 5, video_id=7),
         _fact(2, "x", T0 + 3, T0 + 3, video_id=9),
     ], writer="a", producer="pa", ingested_at_us=T0 + 100)
     write_facts(store, PLAY, [
         _fact(1, "x", T0 + 1, T0 + 4, video_id=1),
-        _fact(1, "y", T0, T0 + 5, secs=1.0),
+        _fact(1, "y", T0, T0 + 5, secs=2.0),
         _fact(1, "z", T0, T0 + 5, video_id=7),
     ], writer="b", producer="pb", ingested_at_us=T0 + 50)
     got = {(r["member_id"], r["fact_id"]): r for r in table_rows(reader.scan("play"))}
