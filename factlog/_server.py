@@ -48,6 +48,7 @@ from ttstore import (
 from ttstore._cli import add_common_options, open_store
 
 from ._bodies import FACT_BODY_TYPES, body_kind, parse_facts
+from ._errors import FactValidationError
 from ._facttypes import FactType, FactTypeCatalog
 from ._logger import FactLogger
 from ._validate import DEFAULT_SKEW_US
@@ -153,13 +154,23 @@ class _Ingest:
         now_us = self.clock.now_us()
         parse = functools.partial(parse_facts, body=body, kind=kind, now_us=now_us,
                                   producer=producer, skew_us=self.config.skew_us)
-        parsed = await self._off_loop(parse, ft)
-        if any(r.code == "unknown_field" for r in parsed.rejected):
-            # Another replica may have evolved the type since we cached it: look again.
+        try:
+            parsed = await self._off_loop(parse, ft)
+        except FactValidationError as exc:  # a whole Arrow column
+            if exc.code != "unknown_field":
+                raise
             fresh_version, fresh = await self._off_loop(
                 self.catalog.get_versioned, name, refresh=True)
-            if fresh_version != version:
-                parsed = await self._off_loop(parse, fresh)
+            if fresh_version == version:
+                raise
+            parsed = await self._off_loop(parse, fresh)
+        else:
+            if any(r.code == "unknown_field" for r in parsed.rejected):
+                # Another replica may have evolved the type since we cached it: look again.
+                fresh_version, fresh = await self._off_loop(
+                    self.catalog.get_versioned, name, refresh=True)
+                if fresh_version != version:
+                    parsed = await self._off_loop(parse, fresh)
         accepted = parsed.table.num_rows
         if accepted:
             logger = self._logger()

@@ -356,6 +356,25 @@ async def test_schema_evolution_over_http(client, local_store: Store) -> None:  
         == [None, "string"]
 
 
+async def test_replica_sees_a_type_evolved_elsewhere(client, aiohttp_client,  # type: ignore[no-untyped-def]
+                                                     local_store: Store, tmp_path: Path) -> None:
+    st, _ = await post(client, "playback", [{"member_id": 1, "event_time": NOW}])
+    assert st == 202  # this replica has cached version 1
+    other = await aiohttp_client(make_client_app(local_store, tmp_path / "spool2"))
+    wider = {**PLAYBACK, "fields": {**PLAYBACK["fields"], "genre": "string"}}
+    assert (await other.put("/v1/fact-types/playback", json=wider, headers=W)).status == 201
+    st, body = await post(client, "playback",
+                          [{"member_id": 2, "event_time": NOW, "genre": "drama"}])
+    assert (st, body) == (202, {"accepted": 1, "rejected": []})
+    t = pa.table({"member_id": [3], "event_time": pa.array([NOW_US], TIMESTAMP_TYPE),
+                  "genre": ["comedy"]})
+    st, body = await post(client, "playback", arrow_bytes(t), ctype=ARROW)
+    assert (st, body) == (202, {"accepted": 1, "rejected": []})
+    await flush(client)
+    got = read_facts(local_store, "playback")
+    assert rows_of(got, "member_id", "genre") == [(1, None), (2, "drama"), (3, "comedy")]
+
+
 async def test_metrics_and_openapi(client) -> None:  # type: ignore[no-untyped-def]
     st, _ = await post(client, "playback", [{"member_id": 1, "event_time": NOW},
                                             {"member_id": 2, "colour": 1}])
