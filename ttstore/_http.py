@@ -297,30 +297,49 @@ def _middlewares(auth: Authenticator, metrics: _Metrics) -> list[Any]:
     return [metrics_mw, errors_mw, auth_mw]
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                       "field": {"type": "string"}},
+    }},
+}
+
+
 def openapi_document(routes: RouteTable, *, title: str, version: str) -> dict[str, Any]:
     """An OpenAPI 3.1 document describing ``routes``."""
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}", r.path)]
+        path = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}", r"{\1}", r.path)
         op: dict[str, Any] = {
-            "operationId": f"{r.method.lower()}_{r.handler.__name__}",
+            "operationId": r.method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", path).rstrip("_"),
             "summary": r.summary,
             "security": [] if r.scope == PUBLIC else [{"bearer": [r.scope]}],
-            "responses": {str(s): {"description": d}
-                          for s, d in (r.responses or {200: "OK"}).items()},
+            "responses": {
+                **{str(s): {"description": d} for s, d in (r.responses or {200: "OK"}).items()},
+                "default": {"description": "an error",
+                            "content": {"application/json": {"schema": _ERROR_REF}}},
+            },
         }
         if params:
             op["parameters"] = params
         if r.request_types:
             op["requestBody"] = {"required": True,
                                  "content": {t: {} for t in r.request_types}}
-        path = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}", r"{\1}", r.path)
         paths.setdefault(path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": _ERROR_SCHEMA},
+        },
         "paths": paths,
     }
 
