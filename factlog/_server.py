@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ttstore import (
     Authenticator,
     Clock,
+    InvalidInput,
     RouteTable,
     Store,
     add_server_options,
@@ -89,9 +90,11 @@ class IngestConfig:
         for name in ("max_body_bytes", "durable_timeout_s", "flush_timeout_s",
                      "shutdown_flush_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"IngestConfig.{name} must be positive")
+                raise InvalidInput(f"{name} must be positive, not {getattr(self, name)!r}",
+                                   field=name)
         if self.skew_us < 0:
-            raise ValueError("IngestConfig.skew_us must not be negative")
+            raise InvalidInput(f"skew_us must not be negative, not {self.skew_us!r}",
+                               field="skew_us")
 
 
 class _Ingest:

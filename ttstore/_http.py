@@ -404,13 +404,33 @@ def make_app(
     return app
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
 def add_server_options(
     parser: argparse.ArgumentParser, *, default_port: int, default_max_body_bytes: int
 ) -> None:
     """``--host``, ``--port``, ``--tokens-file``, ``--no-auth`` and ``--max-body-bytes``."""
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=default_port,
+    parser.add_argument("--port", type=_port, default=default_port,
                         help=f"port to listen on (default {default_port})")
     parser.add_argument(
         "--tokens-file", default=None, metavar="PATH",
@@ -419,7 +439,7 @@ def add_server_options(
     parser.add_argument("--no-auth", action="store_true",
                         help="turn auth off: every request may read and write")
     parser.add_argument(
-        "--max-body-bytes", type=int, default=default_max_body_bytes, metavar="N",
+        "--max-body-bytes", type=_positive_int, default=default_max_body_bytes, metavar="N",
         help=f"larger request bodies get 413 (default {default_max_body_bytes})")
 
 
