@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,42 @@ def _json_text(v: Any) -> str | None:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+# pyarrow coerces silently where a producer made a mistake (1.5 → int64 1, "ab" → list<string>
+# ["a", "b"], True → float64 1.0), so the Python kinds of the values are checked first.
+_KINDS: dict[str, frozenset[type]] = {
+    "int64": frozenset((int, type(None))),
+    "float64": frozenset((int, float, type(None))),
+    "bool": frozenset((bool, type(None))),
+    "string": frozenset((str, type(None))),
+}
+
+
+def _kinds_fit(values: list[Any], type_name: str) -> bool:
+    """Whether every value is of a plain Python kind that ``type_name`` takes (fast check)."""
+    kinds = set(map(type, values))
+    if not type_name.startswith("list<"):
+        return kinds <= _KINDS[type_name]
+    if not kinds <= {list, tuple, type(None)}:
+        return False
+    items = chain.from_iterable(v for v in values if v is not None)
+    return set(map(type, items)) <= _KINDS[type_name[5:-1]]
+
+
+def _fits(v: Any, type_name: str) -> bool:
+    """Whether one value is of a kind ``type_name`` takes (numpy scalars included)."""
+    if v is None:
+        return True
+    if type_name.startswith("list<"):
+        return isinstance(v, list | tuple) and all(_fits(x, type_name[5:-1]) for x in v)
+    if isinstance(v, bool | np.bool_):
+        return type_name == "bool"
+    if type_name == "int64":
+        return isinstance(v, int | np.integer)
+    if type_name == "float64":
+        return isinstance(v, int | float | np.integer | np.floating)
+    return isinstance(v, str)
+
+
 def _value_column(
     values: list[Any], name: str, type_name: str, idx: list[int], rej: _Rejects
 ) -> pa.Array:
@@ -108,20 +145,17 @@ def _value_column(
                 out.append(None)
         return pa.array(out, pa.string())
     typ = arrow_type(type_name)
-    try:
-        if type_name in ("int64", "float64") and any(type(v) is bool for v in values):
-            raise pa.ArrowTypeError("bool in a numeric column")
-        return pa.array(values, typ)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
-        pass
+    if _kinds_fit(values, type_name):
+        try:
+            return pa.array(values, typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+            pass
     fixed: list[Any] = []
     for i, v in enumerate(values):
-        if type(v) is bool and type_name in ("int64", "float64"):
-            ok = False
-        else:
+        ok = _fits(v, type_name)
+        if ok:
             try:
                 pa.array([v], typ)
-                ok = True
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
                 ok = False
         if ok:
@@ -146,7 +180,7 @@ def _entity_column(
         for i, v in enumerate(values):
             if type(v) is int and -(2**63) <= v < 2**63:
                 out.append(v)
-            elif isinstance(v, str) and _INT.match(v) and -(2**63) <= int(v) < 2**63:
+            elif isinstance(v, str) and _INT.fullmatch(v) and -(2**63) <= int(v) < 2**63:
                 out.append(int(v))  # JSON clients send keys above 2^53 as decimal strings
             else:
                 code = "missing_entity" if v is None else "invalid_type"
@@ -252,7 +286,7 @@ def rows_to_table(
         for i, v in enumerate(sup_ids):
             if v is None:
                 continue
-            if isinstance(v, str) and _FACT_ID.match(v):
+            if isinstance(v, str) and _FACT_ID.fullmatch(v):
                 merged[i] = v
             else:
                 rej.add(good[i], "fact_id", "invalid_fact_id",
