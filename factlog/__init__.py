@@ -13,9 +13,13 @@ from ._errors import (
     FlushTimeout,
     LoggerClosed,
     PartitionInconsistent,
+    SpoolLocked,
     UnknownFactType,
 )
 from ._facttypes import Declared, FactType, FactTypeCatalog
+from ._heartbeat import Heartbeat, producer_watermarks, read_heartbeats
+from ._logger import FactLogger, LoggerConfig
+from ._metrics import LoggerStats
 from ._partitions import CompactionRecord, FactFile
 from ._reader import FactReader
 from ._stats import StatsConfig, fact_stats
@@ -30,6 +34,7 @@ __all__ = [
     "Compactor",
     "Declared",
     "FactFile",
+    "FactLogger",
     "FactReader",
     "FactType",
     "FactTypeCatalog",
@@ -37,13 +42,19 @@ __all__ = [
     "FactValidationError",
     "FactlogError",
     "FlushTimeout",
+    "Heartbeat",
     "LoggerClosed",
+    "LoggerConfig",
+    "LoggerStats",
     "PartitionCompaction",
     "PartitionInconsistent",
     "Rejection",
+    "SpoolLocked",
     "StatsConfig",
     "UnknownFactType",
     "fact_stats",
+    "producer_watermarks",
+    "read_heartbeats",
     "rows_to_table",
     "table_to_facts",
 ]

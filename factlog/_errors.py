@@ -10,8 +10,9 @@ Hierarchy::
         ├── BufferFull               log_batch() waited its bound for buffer room (503)
         ├── FlushTimeout             flush()/close() did not finish in time (503)
         ├── LoggerClosed             the logger was closed (503)
-        └── PartitionInconsistent    a fact partition's listing stayed torn: a compaction record
-                                     names outputs that are missing (503)
+        ├── PartitionInconsistent    a fact partition's listing stayed torn: a compaction record
+        │                            names outputs that are missing (503)
+        └── SpoolLocked              another FactLogger holds the spool directory (409)
 """
 
 from __future__ import annotations
@@ -75,3 +76,10 @@ class LoggerClosed(FactlogError):
 class PartitionInconsistent(FactlogError):
     code = "inconsistent_partition"
     http_status = 503
+
+
+class SpoolLocked(FactlogError):
+    """Another ``FactLogger`` (in this or another process) holds the spool directory's lock."""
+
+    code = "spool_locked"
+    http_status = 409
