@@ -225,6 +225,11 @@ async def test_bodies_that_do_not_parse_are_400(client) -> None:  # type: ignore
     for data, ctype, code in cases:
         st, body = await post(client, "playback", data, ctype=ctype)
         assert (st, body["error"]["code"]) == (400, code), (data, ctype, body)
+    # A body that parses gets 202, even when nothing is accepted.
+    assert await post(client, "playback", []) == (202, {"accepted": 0, "rejected": []})
+    st, body = await post(client, "playback", [1, {"member_id": None}])
+    assert st == 202 and body["accepted"] == 0
+    assert [r["code"] for r in body["rejected"]] == ["invalid_fact", "missing_entity"]
     # A whole Arrow column that cannot be right is a 400 naming it.
     t = pa.table({"member_id": [1], "event_time": pa.array([NOW_US], TIMESTAMP_TYPE),
                   "colour": ["red"]})
