@@ -1,0 +1,193 @@
+"""Committing a shard's part, then the run.
+
+A shard's part manifest (create-if-absent, under ``_staging``) lists its staged chunks. When
+every shard's part is committed, whoever notices first (the last shard to finish, or any later
+``snapshot run`` or scheduler tick for that slot) commits the run:
+
+1. freeze each service's payload types (``_typing.freeze_types``);
+2. write each staged chunk, conformed to those types and sorted by entity, to its final,
+   non-underscore key (create-if-absent; an object left by an interrupted commit is kept);
+3. create the run manifest, with ``committed_at`` from the clock: the commit point;
+4. delete the staging prefix.
+
+Why data is copied at commit rather than fetched straight to its final key: until step 2 the
+final keys do not exist, so a run killed while fetching (nearly all of its life) leaves nothing
+that Spark, DuckDB or ``pyarrow.dataset`` would read. Only a crash inside step 2–3 leaves final
+objects without a manifest; our reader never reads them (it reads only keys a manifest lists),
+the next ``run`` or scheduler tick for the slot rolls the commit forward, and ``snapshot list``
+shows the slot as pending until then.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ttstore import (
+    Clock,
+    ObjectExists,
+    ObjectNotFound,
+    Store,
+    format_timestamp,
+    parse_duration,
+)
+
+from ._errors import RunAlreadyCommitted
+from ._manifest import (
+    DEFAULT_MAX_STALENESS,
+    PartManifest,
+    RunManifest,
+    RunPlan,
+    ServiceRunStats,
+    StagedChunk,
+    data_key,
+    manifest_key,
+    part_key,
+    staging_prefix,
+)
+from ._typing import conform, freeze_types
+
+
+def commit_part(
+    store: Store, plan: RunPlan, shard: int, chunks: dict[str, list[StagedChunk]], clock: Clock
+) -> PartManifest:
+    """Commit one shard's part (create-if-absent). If it was committed already, that part
+    stands and is returned."""
+    part = PartManifest(
+        run_id=plan.run_id,
+        slot_us=plan.slot_us,
+        shard=shard,
+        shards=plan.shards,
+        committed_at_us=clock.now_us(),
+        chunks=chunks,
+    )
+    k = part_key(plan.slot_us, shard, plan.shards)
+    try:
+        store.put_if_absent(k, part.to_json())
+    except ObjectExists:
+        return PartManifest.from_json(store.get(k))
+    return part
+
+
+def committed_parts(store: Store, plan: RunPlan) -> dict[int, PartManifest]:
+    """The shards of ``plan`` whose parts are committed."""
+    out = {}
+    for i in range(plan.shards):
+        try:
+            out[i] = PartManifest.from_json(store.get(part_key(plan.slot_us, i, plan.shards)))
+        except ObjectNotFound:
+            continue
+    return out
+
+
+def max_staleness_us(config: dict[str, object]) -> int:
+    """A service's ``max_staleness`` from its public config (default 48h)."""
+    v = config.get("max_staleness_us")
+    if isinstance(v, int):
+        return v
+    text = config.get("max_staleness") or DEFAULT_MAX_STALENESS
+    return parse_duration(str(text), field="max_staleness")
+
+
+def _service_stats(
+    store: Store, plan: RunPlan, service: str, chunks: Sequence[tuple[int, int, StagedChunk]]
+) -> ServiceRunStats:
+    types = freeze_types(store, service, [c.kinds for _, _, c in chunks])
+    latencies: list[np.ndarray] = []
+    errors: Counter[str] = Counter()
+    objects = []
+    for shard, k, chunk in chunks:
+        table = conform(store.read_parquet(chunk.key), types.fields)
+        table = table.take(pc.sort_indices(table, [("entity_id", "ascending")]))
+        lat = table.column("latency_ms").to_numpy(zero_copy_only=False)
+        latencies.append(lat[~np.isnan(lat)])
+        failed = pc.equal(table.column("status"), "error")
+        kinds = pc.fill_null(table.column("error_kind").filter(failed), "unknown")
+        errors.update(kinds.to_pylist())
+        final = data_key(plan.slot_us, shard, plan.shards, service, k)
+        try:
+            store.write_parquet(final, table.replace_schema_metadata(None))
+        except ObjectExists:
+            pass  # written by an interrupted commit of this run: roll forward
+        objects.append(final)
+        del table
+    lat_all = np.concatenate(latencies) if latencies else np.zeros(0)
+    p50, p99 = (
+        (float(np.percentile(lat_all, 50)), float(np.percentile(lat_all, 99)))
+        if len(lat_all)
+        else (None, None)
+    )
+    config = plan.services[service]
+    return ServiceRunStats(
+        requested=sum(c.rows for _, _, c in chunks),
+        fetched_ok=sum(c.ok + c.missing for _, _, c in chunks),
+        missing=sum(c.missing for _, _, c in chunks),
+        failed=sum(c.failed for _, _, c in chunks),
+        latency_p50_ms=p50,
+        latency_p99_ms=p99,
+        errors=dict(sorted(errors.items())),
+        columns=types.fields,
+        types_version=types.version,
+        config=config,
+        max_staleness_us=max_staleness_us(config),
+        objects=objects,
+        rows=sum(c.rows for _, _, c in chunks),
+    )
+
+
+def commit_run(
+    store: Store, plan: RunPlan, parts: dict[int, PartManifest], clock: Clock
+) -> RunManifest:
+    """Write the run's final data, then create its manifest: the commit.
+
+    Raises:
+        RunAlreadyCommitted: the slot's manifest exists; the conditional put refused this one.
+    """
+    if store.exists(manifest_key(plan.slot_us)):
+        raise RunAlreadyCommitted(f"slot {format_timestamp(plan.slot_us)} is already committed")
+    services = {}
+    for service in plan.services:
+        chunks = [
+            (shard, k, c)
+            for shard in sorted(parts)
+            for k, c in enumerate(parts[shard].chunks.get(service, []))
+        ]
+        services[service] = _service_stats(store, plan, service, chunks)
+    manifest = RunManifest(
+        run_id=plan.run_id,
+        slot_us=plan.slot_us,
+        selection_id=plan.selection_id,
+        shards=plan.shards,
+        started_at_us=plan.created_at_us,
+        committed_at_us=clock.now_us(),
+        services=services,
+    )
+    put_manifest(store, manifest)
+    return manifest
+
+
+def put_manifest(store: Store, manifest: RunManifest) -> None:
+    """Create a run's manifest: the conditional put that commits it.
+
+    Raises:
+        RunAlreadyCommitted: a manifest for the slot exists; it stands unchanged.
+    """
+    try:
+        store.put_if_absent(manifest_key(manifest.slot_us), manifest.to_json())
+    except ObjectExists as exc:
+        raise RunAlreadyCommitted(
+            f"slot {format_timestamp(manifest.slot_us)} was committed by another run; the "
+            "conditional put refused this commit"
+        ) from exc
+
+
+def cleanup_staging(store: Store, slot_us: int) -> int:
+    """Delete a committed run's staging objects; returns how many. Safe to repeat."""
+    keys = [o.key for o in store.list(staging_prefix(slot_us))]
+    for k in keys:
+        store.delete(k)
+    return len(keys)
+

@@ -1,0 +1,337 @@
+"""A snapshot run: fetch every service for a slot's contexts, stage, commit atomically.
+
+One call of :meth:`SnapshotRunner.run` is ``timetravel snapshot run`` (and one scheduler tick):
+
+1. If the slot's manifest exists, it is a no-op (``already_committed``).
+2. The slot's **plan** (run id, selection, shard count, chunk size, services) is pinned with a
+   create-if-absent put by the first invocation; every later one, every shard and every resume
+   adopts it, so all shards use one selection and name their chunks alike.
+3. Each shard to run stages its contexts (a stable hash split of the selection) chunk by chunk
+   for every service at once (``_stage``), skipping chunks already staged, then commits its
+   part. Without ``--shard``, an invocation runs every shard whose part is missing.
+4. When every part is committed, the run is committed (``_commit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ttstore import Clock, ObjectExists, ObjectNotFound, Store, format_timestamp
+
+from ._commit import cleanup_staging, commit_part, commit_run, committed_parts
+from ._errors import InvalidRunOption, RunAlreadyCommitted, RunConflict
+from ._manifest import (
+    RunManifest,
+    RunPlan,
+    StagedChunk,
+    load_manifest,
+    plan_key,
+    run_id_for,
+)
+from ._stage import ChunkEvent, Fetcher, ServiceStager, shard_indices
+from ._typing import load_types
+
+log = logging.getLogger("snapshotter.run")
+
+DEFAULT_CHUNK_SIZE = 5000
+RunState = Literal["committed", "already_committed", "waiting_for_shards"]
+FetcherFactory = Callable[[Any, float], Any]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run invocation did.
+
+    Attributes:
+        state: ``committed`` (this call committed the run), ``already_committed`` (the slot was
+            committed before, or by another process meanwhile: a no-op), or
+            ``waiting_for_shards`` (this call's shards are committed, others are missing).
+        missing_shards: shards whose parts are not committed (for ``waiting_for_shards``).
+    """
+
+    state: RunState
+    slot_us: int
+    run_id: str | None
+    manifest: RunManifest | None
+    missing_shards: list[int] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        slot = format_timestamp(self.slot_us)
+        if self.state == "already_committed":
+            return f"slot {slot} is already committed (run {self.run_id}); nothing to do"
+        if self.state == "waiting_for_shards":
+            return (
+                f"slot {slot}: this part is committed; the run becomes visible when shards "
+                f"{', '.join(map(str, self.missing_shards))} commit theirs"
+            )
+        assert self.manifest is not None
+        conf = ", ".join(
+            f"{s} {v.confidence:.3f}" for s, v in sorted(self.manifest.services.items())
+        )
+        return f"slot {slot}: committed run {self.run_id} (confidence: {conf})"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (0-based) → ``(i, n)``.
+
+    Raises:
+        InvalidRunOption: unless ``0 <= i < n``.
+    """
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise InvalidRunOption(f"--shard {text!r} is not i/n", field="shard") from None
+    if not 0 <= i < n:
+        raise InvalidRunOption(f"--shard {text!r}: need 0 <= i < n (0-based)", field="shard")
+    return i, n
+
+
+def _default_fetcher_factory(config: Any, qps_share: float) -> Any:
+    from ._fetch import ServiceFetcher
+
+    return ServiceFetcher(config, qps_share=qps_share)
+
+
+def public_config(config: Any) -> dict[str, Any]:
+    """A service's configuration without secrets, as recorded in plans and manifests."""
+    body = config.public_json()
+    out: dict[str, Any] = dict(body)
+    return out
+
+
+class SnapshotRunner:
+    """Runs snapshot slots against a store.
+
+    Args:
+        store: where selections are read and runs are written.
+        services: the services to snapshot, by name (``load_services``).
+        clock: the run clock (``captured_at``, ``committed_at``, the latest selection).
+        fetcher_factory: ``(config, qps_share) -> fetcher``; default ``ServiceFetcher``.
+        chunk_size: contexts per staged chunk (pinned in the plan by the first invocation).
+        on_chunk: called after each chunk is staged or found staged (progress).
+        stop: when set, the run stops before its next chunk and raises ``RunInterrupted``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        services: Mapping[str, Any],
+        *,
+        clock: Clock,
+        fetcher_factory: FetcherFactory | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        on_chunk: Callable[[ChunkEvent], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise InvalidRunOption("chunk size must be at least 1", field="chunk_size")
+        if not services:
+            raise InvalidRunOption("no services to snapshot", field="services")
+        self.store = store
+        self.services = dict(services)
+        self.clock = clock
+        self.fetcher_factory = fetcher_factory or _default_fetcher_factory
+        self.chunk_size = chunk_size
+        self.on_chunk = on_chunk
+        self.stop = stop
+
+    # -- the operation -------------------------------------------------------------------------
+    def run(
+        self,
+        slot_us: int,
+        *,
+        shard: int | None = None,
+        shards: int | None = None,
+        selection_id: str | None = None,
+    ) -> RunOutcome:
+        """Run (or resume, or finish committing) the slot ``slot_us``.
+
+        Args:
+            shard: run only this shard (0-based); None runs every shard not yet committed.
+            shards: the shard count; must match the slot's plan when one is pinned.
+            selection_id: the context set; default the latest one not after now.
+
+        Raises:
+            RunConflict: the slot's pinned plan disagrees with these arguments or services.
+            SelectionNotFound: no such selection, or none selected by now.
+            RunInterrupted: ``stop`` was set; what was staged is kept for the resume.
+        """
+        done = load_manifest(self.store, slot_us)
+        if done is not None:
+            with contextlib.suppress(Exception):
+                cleanup_staging(self.store, slot_us)  # left by a crash after the commit
+            return RunOutcome("already_committed", slot_us, done.run_id, done)
+        plan = self._plan(slot_us, shards=shards, selection_id=selection_id)
+        have = committed_parts(self.store, plan)
+        todo = [shard] if shard is not None else list(range(plan.shards))
+        todo = [i for i in todo if i not in have]
+        if todo:
+            selection = _selection_table(self.store, plan.selection_id)
+            for i in todo:
+                log.info(
+                    "event=shard_start slot=%s run_id=%s shard=%d/%d contexts_total=%d",
+                    format_timestamp(slot_us), plan.run_id, i, plan.shards, selection.num_rows,
+                )
+                chunks = asyncio.run(self._stage_shard(plan, i, selection))
+                done = load_manifest(self.store, slot_us)
+                if done is not None:  # another process committed while we fetched
+                    return RunOutcome("already_committed", slot_us, done.run_id, done)
+                have[i] = commit_part(self.store, plan, i, chunks, self.clock)
+                log.info("event=part_committed run_id=%s shard=%d/%d", plan.run_id, i, plan.shards)
+        have = committed_parts(self.store, plan)
+        missing = [i for i in range(plan.shards) if i not in have]
+        if missing:
+            return RunOutcome("waiting_for_shards", slot_us, plan.run_id, None, missing)
+        try:
+            manifest = commit_run(self.store, plan, have, self.clock)
+        except RunAlreadyCommitted:
+            done = load_manifest(self.store, slot_us)
+            return RunOutcome("already_committed", slot_us, plan.run_id, done)
+        log.info("event=run_committed run_id=%s", plan.run_id)
+        cleanup_staging(self.store, slot_us)
+        return RunOutcome("committed", slot_us, plan.run_id, manifest)
+
+    # -- the plan ------------------------------------------------------------------------------
+    def _plan(self, slot_us: int, *, shards: int | None, selection_id: str | None) -> RunPlan:
+        if shards is not None and shards < 1:
+            raise InvalidRunOption("the shard count must be at least 1", field="shard")
+        for _ in range(3):
+            try:
+                plan = RunPlan.from_json(self.store.get(plan_key(slot_us)))
+            except ObjectNotFound:
+                pass
+            else:
+                self._check_plan(plan, shards=shards, selection_id=selection_id)
+                return plan
+            sel = selection_id or _latest_selection_id(self.store, self.clock.now_us())
+            if selection_id is not None:
+                _selection_table(self.store, sel)  # raises SelectionNotFound
+            plan = RunPlan(
+                run_id=run_id_for(slot_us, sel),
+                slot_us=slot_us,
+                selection_id=sel,
+                shards=shards or 1,
+                chunk_size=self.chunk_size,
+                services={n: public_config(c) for n, c in sorted(self.services.items())},
+                created_at_us=self.clock.now_us(),
+            )
+            try:
+                self.store.put_if_absent(plan_key(slot_us), plan.to_json())
+            except ObjectExists:
+                continue  # another shard pinned it first: adopt theirs
+            log.info(
+                "event=plan slot=%s run_id=%s selection_id=%s shards=%d",
+                format_timestamp(slot_us), plan.run_id, sel, plan.shards,
+            )
+            return plan
+        raise RunConflict(f"could not pin the plan of slot {format_timestamp(slot_us)}")
+
+    def _check_plan(self, plan: RunPlan, *, shards: int | None, selection_id: str | None) -> None:
+        slot = format_timestamp(plan.slot_us)
+        if shards is not None and shards != plan.shards:
+            raise RunConflict(
+                f"slot {slot} was started with {plan.shards} shard(s), not {shards}"
+            )
+        if selection_id is not None and selection_id != plan.selection_id:
+            raise RunConflict(
+                f"slot {slot} was started with selection {plan.selection_id}, not {selection_id}"
+            )
+        if sorted(self.services) != sorted(plan.services):
+            raise RunConflict(
+                f"slot {slot} was started with services {sorted(plan.services)}, "
+                f"not {sorted(self.services)}"
+            )
+
+    # -- one shard -----------------------------------------------------------------------------
+    async def _stage_shard(
+        self, plan: RunPlan, shard: int, selection: pa.Table
+    ) -> dict[str, list[StagedChunk]]:
+        idx = shard_indices(selection.column("entity_id"), shard, plan.shards)
+        entities = selection.column("entity_id").take(pa.array(idx)).combine_chunks()
+        weights = selection.column("weight").take(pa.array(idx)).combine_chunks()
+        async with contextlib.AsyncExitStack() as stack:
+            stagers = []
+            for name in sorted(plan.services):
+                config = self.services[name]
+                fetcher = await _enter(stack, self.fetcher_factory(config, 1.0 / plan.shards))
+                stagers.append(
+                    ServiceStager(
+                        store=self.store,
+                        plan=plan,
+                        shard=shard,
+                        service=name,
+                        fetcher=fetcher,
+                        entities=_as_key_type(entities, config, name),
+                        weights=weights.cast(pa.float64()),
+                        frozen=load_types(self.store, name).fields,
+                        clock=self.clock,
+                        stop=self.stop,
+                        on_chunk=self.on_chunk,
+                    )
+                )
+            async with asyncio.TaskGroup() as tg:
+                tasks = {s.service: tg.create_task(s.run()) for s in stagers}
+        return {name: t.result() for name, t in tasks.items()}
+
+
+async def _enter(stack: contextlib.AsyncExitStack, fetcher: Any) -> Fetcher:
+    """Enter a fetcher's async context (or register its close) so its sessions are closed."""
+    if hasattr(fetcher, "__aenter__"):
+        entered: Fetcher = await stack.enter_async_context(fetcher)
+        return entered
+    if hasattr(fetcher, "aclose"):
+        stack.push_async_callback(fetcher.aclose)
+    elif hasattr(fetcher, "close"):
+        close = fetcher.close
+        if asyncio.iscoroutinefunction(close):
+            stack.push_async_callback(close)
+        else:
+            stack.callback(close)
+    out: Fetcher = fetcher
+    return out
+
+
+def _as_key_type(entities: pa.Array, config: Any, service: str) -> pa.Array:
+    target = pa.int64() if getattr(config, "entity_type", "int64") == "int64" else pa.string()
+    if entities.type == target:
+        return entities
+    try:
+        out: pa.Array = pc.cast(entities, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InvalidRunOption(
+            f"service {service!r} takes {target} keys; the selection's keys "
+            f"({entities.type}) do not convert: {exc}",
+            field="entity_type",
+        ) from exc
+    return out
+
+
+# -- selections (snapshotter's context sets) ---------------------------------------------------
+
+
+def _selection_table(store: Store, selection_id: str) -> pa.Table:
+    """The selection's ``entity_id`` and ``weight`` columns."""
+    from ._selection import load_selection
+
+    sel = load_selection(store, selection_id)
+    table: pa.Table = getattr(sel, "table", sel)
+    return table.select(["entity_id", "weight"])
+
+
+def _latest_selection_id(store: Store, now_us: int) -> str:
+    from ._selection import latest_selection
+
+    sel = latest_selection(store, now_us)
+    sid = getattr(sel, "selection_id", sel)
+    return str(sid)
