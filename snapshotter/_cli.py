@@ -18,4 +18,7 @@ def register(sub: Any) -> None:
         "and the list of runs.",
     )
     ssub = snapshot.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", required=True)
+    from ._runcli import register_run_cli
+
+    register_run_cli(ssub)
     del ssub  # subcommands register here, one import and one call each
