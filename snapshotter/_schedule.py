@@ -88,6 +88,7 @@ class Scheduler:
         committed_slots: the slots committed so far (to say what catch-up skipped).
         retry_s: wait before retrying a slot whose run failed.
         max_ticks: stop after this many slot runs (tests); None runs forever.
+        wait: ``wait(seconds) -> stopped``; default ``stop.wait`` (tests advance a clock).
     """
 
     cadence: Cadence
@@ -97,6 +98,10 @@ class Scheduler:
     committed_slots: Callable[[], list[int]] | None = None
     retry_s: float = DEFAULT_RETRY_S
     max_ticks: int | None = None
+    wait: Callable[[float], bool] | None = None
+
+    def _wait(self, seconds: float) -> bool:
+        return (self.wait or self.stop.wait)(seconds)
 
     def run_forever(self) -> int:
         """Loop until ``stop`` is set (or ``max_ticks``); returns the number of slots run."""
@@ -121,7 +126,7 @@ class Scheduler:
                         "event=run_failed slot=%s error=%s retry_in_s=%.0f",
                         format_timestamp(slot), exc, self.retry_s,
                     )
-                    if self.stop.wait(self.retry_s):
+                    if self._wait(self.retry_s):
                         break
                     continue
                 log.info("event=slot_done %s", getattr(outcome, "message", outcome))
@@ -134,7 +139,7 @@ class Scheduler:
                 "event=sleep next_slot=%s in_s=%.1f",
                 format_timestamp(self.cadence.next_slot_after(slot)), max(0, wait_us) / US_PER_S,
             )
-            if self.stop.wait(max(0.0, wait_us / US_PER_S)):
+            if self._wait(max(0.0, wait_us / US_PER_S)):
                 break
         log.info("event=schedule_stopped slots_run=%d", ticks)
         return ticks

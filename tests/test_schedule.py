@@ -1,0 +1,128 @@
+"""The scheduler: slots of --every and --cron, catch-up after downtime, retries, stopping."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from snapshotter._errors import InvalidRunOption, RunInterrupted
+from snapshotter._schedule import Cadence, Scheduler
+from ttstore import US_PER_S, ManualClock, StoreUnavailable, parse_timestamp
+
+H = 3600 * US_PER_S
+
+
+def ts(text: str) -> int:
+    return parse_timestamp(text, field="t")
+
+
+@pytest.mark.parametrize(
+    ("cadence", "now", "slot", "after"),
+    [
+        (Cadence.parse(every="12h"), "2026-11-20T12:00:00Z", "2026-11-20T12:00:00Z",
+         "2026-11-21T00:00:00Z"),
+        (Cadence.parse(every="12h"), "2026-11-20T11:59:59.999999Z", "2026-11-20T00:00:00Z",
+         "2026-11-20T12:00:00Z"),
+        (Cadence.parse(every="1d"), "2026-11-20T23:00:00+02:00", "2026-11-20T00:00:00Z",
+         "2026-11-21T00:00:00Z"),
+        (Cadence.parse(cron="0 */12 * * *"), "2026-11-20T12:00:00Z", "2026-11-20T12:00:00Z",
+         "2026-11-21T00:00:00Z"),
+        (Cadence.parse(cron="0 */12 * * *"), "2026-11-20T11:59:59.999999Z",
+         "2026-11-20T00:00:00Z", "2026-11-20T12:00:00Z"),
+        (Cadence.parse(cron="30 6 * * *"), "2026-11-20T06:29:00Z", "2026-11-19T06:30:00Z",
+         "2026-11-20T06:30:00Z"),
+        (Cadence.parse(cron="*/15 * * * *"), "2026-11-20T10:44:10.5Z", "2026-11-20T10:30:00Z",
+         "2026-11-20T10:45:00Z"),
+    ],
+)
+def test_slots(cadence, now, slot, after):
+    assert cadence.slot_at_or_before(ts(now)) == ts(slot)
+    assert cadence.next_slot_after(ts(slot)) == ts(after)
+
+
+def test_bad_cadences():
+    with pytest.raises(InvalidRunOption):
+        Cadence.parse(cron="not a cron")
+    with pytest.raises(InvalidRunOption):
+        Cadence.parse()
+    with pytest.raises(InvalidRunOption):
+        Cadence(every_us=12 * H, cron="0 * * * *")
+    with pytest.raises(InvalidRunOption):
+        Cadence(every_us=0)
+
+
+class Harness:
+    """A scheduler on a manual clock whose waits advance the clock instead of sleeping."""
+
+    def __init__(self, now: str, committed: list[str],
+                 fail: dict[int, list[Exception]] | None = None):
+        self.clock = ManualClock(ts(now))
+        self.stop = threading.Event()
+        self.ran: list[int] = []
+        self.waits: list[float] = []
+        self.committed = [ts(c) for c in committed]
+        self.fail = {k: list(v) for k, v in (fail or {}).items()}
+
+    def run_slot(self, slot: int) -> str:
+        self.ran.append(slot)
+        errs = self.fail.get(slot)
+        if errs:
+            raise errs.pop(0)
+        self.committed.append(slot)
+        return f"ran {slot}"
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.clock.advance(round(seconds * US_PER_S))
+        return self.stop.is_set()
+
+    def scheduler(self, cadence: Cadence, max_ticks: int) -> Scheduler:
+        return Scheduler(cadence=cadence, run_slot=self.run_slot, clock=self.clock,
+                         stop=self.stop, committed_slots=lambda: list(self.committed),
+                         retry_s=30.0, max_ticks=max_ticks, wait=self.wait)
+
+
+def test_catches_up_on_the_latest_missed_slot_and_says_so(caplog):
+    h = Harness("2026-11-20T13:00:00Z", committed=["2026-11-19T00:00:00Z"])
+    with caplog.at_level(logging.INFO, logger="snapshotter.schedule"):
+        ticks = h.scheduler(Cadence.parse(every="12h"), max_ticks=3).run_forever()
+    assert ticks == 3
+    assert h.ran == [ts("2026-11-20T12:00:00Z"), ts("2026-11-21T00:00:00Z"),
+                     ts("2026-11-21T12:00:00Z")]
+    catch_up = [r.getMessage() for r in caplog.records if "event=catch_up" in r.getMessage()]
+    assert len(catch_up) == 1
+    assert "2026-11-20T12:00:00.000000Z" in catch_up[0]
+    assert "skipping 2 earlier missed slot(s)" in catch_up[0]
+    # It slept until each next slot, exactly.
+    assert h.waits[0] == 11 * 3600
+
+
+def test_a_committed_slot_is_not_a_catch_up(caplog):
+    h = Harness("2026-11-20T13:00:00Z", committed=["2026-11-20T12:00:00Z"])
+    with caplog.at_level(logging.INFO, logger="snapshotter.schedule"):
+        h.scheduler(Cadence.parse(cron="0 */12 * * *"), max_ticks=2).run_forever()
+    # The idempotent run is still called for the current slot (a no-op on a committed one).
+    assert h.ran == [ts("2026-11-20T12:00:00Z"), ts("2026-11-21T00:00:00Z")]
+    assert not [r for r in caplog.records if "event=catch_up" in r.getMessage()]
+
+
+def test_a_failed_slot_is_retried():
+    slot = ts("2026-11-20T12:00:00Z")
+    h = Harness("2026-11-20T12:00:05Z", committed=[],
+                fail={slot: [StoreUnavailable("down"), StoreUnavailable("down")]})
+    h.scheduler(Cadence.parse(every="12h"), max_ticks=1).run_forever()
+    assert h.ran == [slot, slot, slot]
+    assert h.waits == [30.0, 30.0]
+
+
+def test_stops_on_interrupt_and_on_stop():
+    slot = ts("2026-11-20T12:00:00Z")
+    h = Harness("2026-11-20T12:00:05Z", committed=[], fail={slot: [RunInterrupted("sigterm")]})
+    assert h.scheduler(Cadence.parse(every="12h"), max_ticks=5).run_forever() == 0
+    assert h.ran == [slot]
+    h2 = Harness("2026-11-20T12:00:05Z", committed=[])
+    h2.stop.set()
+    assert h2.scheduler(Cadence.parse(every="12h"), max_ticks=5).run_forever() == 0
+    assert h2.ran == []
