@@ -154,11 +154,10 @@ class Uploader(threading.Thread):
     def run(self) -> None:
         while not self._stop_requested:
             uploaded = self._round()
-            self._complete_markers()
             now = time.monotonic()
             if uploaded or now - self._last_heartbeat >= self._cfg.heartbeat_interval_s:
-                self.heartbeat(closed=False)
-                self._complete_markers()
+                self.heartbeat(closed=False)  # before flushes return: they see its watermark
+            self._complete_markers()
             if self._stop_requested:
                 return
             with self.lock:
