@@ -166,9 +166,10 @@ class FactReader:
         for attempt in range(2):
             files = self.live_files(fact_type, start_us=start_us, end_us=end_us)
             try:
-                table = self._read(files, schema, read_cols, filt)
+                table = self._read(files, schema, read_cols, filt).combine_chunks()
+                keep = None
                 if dedup:
-                    table = self._dedup(ft, schema, files, table, read_cols, filt)
+                    table, keep = self._dedup(ft, schema, files, table, read_cols, filt)
                 break
             except FileNotFoundError:
                 # A file listed and then deleted after its compaction's grace period: the
@@ -177,8 +178,13 @@ class FactReader:
                     raise StoreUnavailable(
                         f"fact type {fact_type!r}: files kept disappearing during the scan"
                     ) from None
-        table = _bounds(table, start_us, end_us, logged_before_us)
-        return sort_facts(table, ft.entity_name, tiebreak=not dedup).select(out_cols)
+        mask = _bounds_mask(table, start_us, end_us, logged_before_us)
+        if keep is not None:
+            mask = keep if mask is None else mask & keep
+        rows = None if mask is None else np.flatnonzero(mask)
+        order = sorted_rows(table, ft.entity_name, rows=rows, tiebreak=not dedup,
+                            runs_sorted=all(f.kind == "compacted" for f in files))
+        return table.select(out_cols).take(order)
 
     def _read(
         self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],
@@ -189,22 +195,28 @@ class FactReader:
     def _dedup(
         self, ft: FactType, schema: pa.Schema, files: Sequence[FactFile], table: pa.Table,
         read_cols: Sequence[str], filt: pc.Expression | None,
-    ) -> pa.Table:
+    ) -> tuple[pa.Table, np.ndarray | None]:
+        """The rows to keep (None: all), and the table they index (replaced when the payload
+        had to be read again)."""
         entity = ft.entity_name
-        fields = list(ft.fields)
-        json_fields = [f for f, t in ft.fields.items() if t == "json"]
-        if all(f in read_cols for f in fields):
-            return dedup_table(table, entity=entity, fields=fields, json_fields=json_fields).table
         dups = find_duplicates(table, entity)
         if dups.empty:
-            return table
-        # Without the payload, the smallest logged_at decides every group where it is unique.
+            return table, None
+        # The smallest logged_at decides every group where it is unique; no payload needed.
         w = choose_winners(table, dups, fields=None)
         keep = np.ones(table.num_rows, dtype=bool)
         keep[dups.rows] = False
         keep[w.rows[~w.tied]] = True
         if not w.tied.any():
-            return table.filter(pa.array(keep))
+            return table, keep
+        fields = list(ft.fields)
+        json_fields = [f for f, t in ft.fields.items() if t == "json"]
+        if all(f in read_cols for f in fields):
+            tied = w.tied[dups.group]
+            _, group = np.unique(dups.group[tied], return_inverse=True)
+            sub = DuplicateGroups(dups.rows[tied], group.astype(np.int64), int(w.tied.sum()))
+            keep[choose_winners(table, sub, fields=fields, json_fields=json_fields).rows] = True
+            return table, keep
         # The rest need the payload: read every column of the rows with those fact ids again,
         # and let them replace every row with those ids (other entities' included).
         tied_ids = _tied_ids(table, dups, w.tied)
@@ -215,7 +227,9 @@ class FactReader:
             full_filter = full_filter & filt
         full = self._read(files, schema, schema.names, full_filter)
         resolved = dedup_table(full, entity=entity, fields=fields, json_fields=json_fields).table
-        return pa.concat_tables([table.filter(pa.array(keep)), resolved.select(list(read_cols))])
+        merged = pa.concat_tables([table.filter(pa.array(keep)),
+                                   resolved.select(list(read_cols))]).combine_chunks()
+        return merged, None
 
 
 def read_files(
@@ -250,26 +264,72 @@ def _tied_ids(table: pa.Table, dups: DuplicateGroups, tied: np.ndarray) -> pa.Ar
     return pc.unique(table.column("fact_id").take(pa.array(rows)).combine_chunks())
 
 
-def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
-    """Sort by (entity, event_time, logged_at, fact_id); with ``tiebreak`` also by
-    (ingested_at, producer), for tables that still hold several copies of a fact."""
-    if table.num_rows < 2:
-        return table.combine_chunks()
+def sorted_rows(
+    table: pa.Table, entity: str, *, rows: np.ndarray | None = None, tiebreak: bool = False,
+    runs_sorted: bool = False,
+) -> pa.Array:
+    """Indices of ``rows`` (default: all) of ``table`` in (entity, event_time, logged_at,
+    fact_id) order; with ``tiebreak`` then (ingested_at, producer), for tables that still hold
+    several copies of a fact.
+
+    ``runs_sorted`` says the table is likely a concatenation of compacted files in date order:
+    then a stable sort by entity alone may already give the full order, which is checked in
+    one vectorized pass (falling back to the full sort when it does not hold).
+    """
+    if runs_sorted and not tiebreak and table.num_rows > 1:
+        order = _entity_stable_order(table, entity, rows)
+        if order is not None:
+            return order
     keys = {k: table.column(k) for k in (entity, "event_time", "logged_at", "fact_id")}
     if tiebreak:
         if "ingested_at" in table.column_names:
             keys["~ingested"] = table.column("ingested_at")
         if "producer" in table.column_names:
             keys["~producer_set"], keys["~producer"] = nulls_first(table.column("producer"))
-    idx = pc.sort_indices(pa.table(keys), [(k, "ascending") for k in keys])
-    return table.take(idx)
+    kt = pa.table(keys)
+    if rows is not None:
+        kt = kt.take(pa.array(rows))
+    order = pc.sort_indices(kt, [(k, "ascending") for k in keys])
+    return order if rows is None else pa.array(rows[order.to_numpy()])
 
 
-def _bounds(
+def _entity_stable_order(
+    table: pa.Table, entity: str, rows: np.ndarray | None
+) -> pa.Array | None:
+    col = table.column(entity)
+    if pa.types.is_integer(col.type):
+        ek = col.to_numpy()
+    else:
+        ek = pc.rank(col.combine_chunks(), sort_keys="ascending", tiebreaker="dense").to_numpy()
+    idx = np.arange(table.num_rows) if rows is None else rows
+    order = idx[np.argsort(ek[idx], kind="stable")]
+    e = ek[order]
+    ev = table.column("event_time").cast(pa.int64()).to_numpy()[order]
+    lg = table.column("logged_at").cast(pa.int64()).to_numpy()[order]
+    same_e = e[1:] == e[:-1]
+    bad = same_e & ((ev[1:] < ev[:-1]) | ((ev[1:] == ev[:-1]) & (lg[1:] < lg[:-1])))
+    if bad.any():
+        return None
+    ties = np.flatnonzero(same_e & (ev[1:] == ev[:-1]) & (lg[1:] == lg[:-1]))
+    if len(ties):
+        ids = table.column("fact_id")
+        nxt = ids.take(pa.array(order[ties + 1]))
+        prev = ids.take(pa.array(order[ties]))
+        if pc.any(pc.less(nxt, prev)).as_py():
+            return None
+    return pa.array(order)
+
+
+def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
+    """``table`` sorted as :func:`sorted_rows` says."""
+    return table.take(sorted_rows(table, entity, tiebreak=tiebreak))
+
+
+def _bounds_mask(
     table: pa.Table, start_us: int | None, end_us: int | None, logged_before_us: int | None
-) -> pa.Table:
+) -> np.ndarray | None:
     if start_us is None and end_us is None and logged_before_us is None:
-        return table
+        return None
     mask = np.ones(table.num_rows, dtype=bool)
     if start_us is not None or end_us is not None:
         ev = table.column("event_time").cast(pa.int64()).to_numpy()
@@ -279,7 +339,14 @@ def _bounds(
             mask &= ev <= end_us
     if logged_before_us is not None:
         mask &= table.column("logged_at").cast(pa.int64()).to_numpy() <= logged_before_us
-    return table if mask.all() else table.filter(pa.array(mask))
+    return mask
+
+
+def _bounds(
+    table: pa.Table, start_us: int | None, end_us: int | None, logged_before_us: int | None
+) -> pa.Table:
+    mask = _bounds_mask(table, start_us, end_us, logged_before_us)
+    return table if mask is None or mask.all() else table.filter(pa.array(mask))
 
 
 def _check_range(start_us: int | None, end_us: int | None) -> None:
