@@ -18,6 +18,9 @@ def register(sub: Any) -> None:
         "and the list of runs.",
     )
     ssub = snapshot.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", required=True)
+    from ._select_cli import register_select_cli
+
+    register_select_cli(ssub)
     from ._runcli import register_run_cli
 
     register_run_cli(ssub)

@@ -97,3 +97,10 @@ class RunInterrupted(SnapshotterError):
 
     code = "run_interrupted"
     http_status = 503
+
+
+class SelectionConflict(SnapshotterError):
+    """A different context set is already committed under the same selection id."""
+
+    code = "selection_conflict"
+    http_status = 409
