@@ -94,25 +94,37 @@ def _json_text(v: Any) -> str | None:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-# pyarrow coerces silently where a producer made a mistake (1.5 → int64 1, "ab" → list<string>
-# ["a", "b"], True → float64 1.0), so the Python kinds of the values are checked first.
-_KINDS: dict[str, frozenset[type]] = {
-    "int64": frozenset((int, type(None))),
-    "float64": frozenset((int, float, type(None))),
-    "bool": frozenset((bool, type(None))),
-    "string": frozenset((str, type(None))),
+# Converting to an explicit type, pyarrow coerces where a producer made a mistake (1.5 → int64 1,
+# "ab" → list<string> ["a", "b"], True → float64 1.0). Its type inference does not, so the fast
+# path converts by inference and accepts the declared type, or a lossless widening of it.
+_WIDENINGS: dict[str, tuple[pa.DataType, ...]] = {
+    "int64": (pa.null(),),
+    "float64": (pa.null(), pa.int64()),
+    "bool": (pa.null(),),
+    "string": (pa.null(),),
+    "list<int64>": (pa.null(), pa.list_(pa.null())),
+    "list<float64>": (pa.null(), pa.list_(pa.null()), pa.list_(pa.int64())),
+    "list<string>": (pa.null(), pa.list_(pa.null())),
 }
 
 
-def _kinds_fit(values: list[Any], type_name: str) -> bool:
-    """Whether every value is of a plain Python kind that ``type_name`` takes (fast check)."""
-    kinds = set(map(type, values))
-    if not type_name.startswith("list<"):
-        return kinds <= _KINDS[type_name]
-    if not kinds <= {list, tuple, type(None)}:
-        return False
-    items = chain.from_iterable(v for v in values if v is not None)
-    return set(map(type, items)) <= _KINDS[type_name[5:-1]]
+def _inferred(values: list[Any], type_name: str, typ: pa.DataType) -> pa.Array | None:
+    """The column, if pyarrow infers ``typ`` (or a lossless widening) for all of it."""
+    try:
+        arr = pa.array(values)
+        if arr.type == typ:
+            # Inference still reads a bool after a float as 1.0 ([1.5, True] → double).
+            if type_name == "float64" and bool in set(map(type, values)):
+                return None
+            if type_name == "list<float64>" and bool in set(map(type, chain.from_iterable(
+                    v for v in values if v is not None))):
+                return None
+            return arr
+        if arr.type in _WIDENINGS[type_name]:
+            return arr.cast(typ)  # a safe cast: raises on precision loss
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        pass
+    return None
 
 
 def _fits(v: Any, type_name: str) -> bool:
@@ -145,11 +157,9 @@ def _value_column(
                 out.append(None)
         return pa.array(out, pa.string())
     typ = arrow_type(type_name)
-    if _kinds_fit(values, type_name):
-        try:
-            return pa.array(values, typ)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
-            pass
+    arr = _inferred(values, type_name, typ)
+    if arr is not None:
+        return arr
     fixed: list[Any] = []
     for i, v in enumerate(values):
         ok = _fits(v, type_name)
