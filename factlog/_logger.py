@@ -190,7 +190,8 @@ class FactLogger:
             clock=self._clock, tick_div=tick_div, producer=producer,
             config=WriterConfig(group_commit_interval_s=cfg.group_commit_interval_s,
                                 segment_max_bytes=cfg.segment_max_bytes,
-                                segment_max_age_s=cfg.segment_max_age_s),
+                                segment_max_age_s=cfg.segment_max_age_s,
+                                max_backoff_s=cfg.max_backoff_s),
             warnings=self._warn, on_fact_type=self._uploader.fact_types.add,
         )
         self._uploader.watermark_fn = self.upload_watermark_us

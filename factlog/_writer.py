@@ -32,7 +32,6 @@ from ._uploader import Uploader
 from ._validate import rows_to_table
 
 _log = logging.getLogger("factlog")
-_RETRY_CAP_S = 5.0
 _CHUNK_ROWS = 16_384
 
 
@@ -41,6 +40,10 @@ class WriterConfig:
     group_commit_interval_s: float
     segment_max_bytes: int
     segment_max_age_s: float
+    max_backoff_s: float
+
+
+_Hold = tuple[str, Sequence[Any], Sequence[int]]  # (fact type, rows, ticks)
 
 
 @dataclass
@@ -121,11 +124,11 @@ class Writer(threading.Thread):
     def run(self) -> None:
         interval = self._cfg.group_commit_interval_s
         while True:
-            self._b.wake.wait(interval)
+            woken = self._b.wake.wait(interval)
             self._b.wake.clear()
             stopping = self._stop_requested
             try:
-                self.cycle(final=stopping)
+                self.cycle(final=stopping, timer=not woken)
             except Exception:  # a bug must not kill the thread that holds accepted facts
                 _log.exception("factlog: writer cycle failed; retrying")
                 time.sleep(min(1.0, interval))
@@ -134,23 +137,33 @@ class Writer(threading.Thread):
                 return
 
     # one cycle -----------------------------------------------------------------------------
-    def cycle(self, *, final: bool = False) -> None:
+    def cycle(self, *, final: bool = False, timer: bool = False) -> None:
+        """Drain, convert, spool; group-commit when something waits for durability, on the
+        timer (so a fact is fsynced about one interval after acceptance), or when the oldest
+        unsynced write is an interval old (under sustained load the timer never fires)."""
         start_us = self._clock.now_us()
         ctrl, n = self._b.drain()
         batches = [c for c in ctrl if isinstance(c, Batch)]
         while n > 0:
             # Chunks keep the working set small; the lock is not held across them, which is
             # safe for the watermark because last_cycle_start_us moves only at the end.
+            # Conversion (and any catalog lookup) runs without the lock, so stats() and the
+            # heartbeat never wait for it.
             k = min(n, _CHUNK_ROWS)
             items = self._b.pop_rows(k)
             n -= k
+            tables, holds = self._convert(items, start_us)
             with self.lock:
                 self.accepted_rows += k
-                for ft_name, table in self._convert(items, start_us):
+                for name, rows, ticks in holds:
+                    held = self._held.setdefault(name, _Held([], []))
+                    held.rows.extend(rows)
+                    held.ticks.extend(ticks)
+                for ft_name, table in tables:
                     self._unwritten.append((ft_name, table, None))
                 self._write_unwritten(force=final)
+        self._retry_held(start_us, force=final)
         with self.lock:
-            self._retry_held(start_us, force=final)
             for b in batches:
                 self._unwritten.append((b.fact_type, b.table, b))
             self._write_unwritten(force=final)
@@ -163,7 +176,7 @@ class Writer(threading.Thread):
         now = time.monotonic()
         due = (self._unsynced_since is not None
                and now - self._unsynced_since >= self._cfg.group_commit_interval_s)
-        if releasable or due or final:
+        if releasable or due or final or timer:
             self._sync()
         self._b.release(self._pending_release)
         self._pending_release = []
@@ -178,7 +191,9 @@ class Writer(threading.Thread):
                 else:
                     c.complete()
 
-    def _convert(self, items: list[Any], now_us: int) -> list[tuple[str, pa.Table]]:
+    def _convert(self, items: list[Any], now_us: int) -> tuple[list[tuple[str, pa.Table]],
+                                                               list[_Hold]]:
+        """Tables per fact type, and the rows to hold (their type cannot be looked up now)."""
         names, rows, ticks = items[0::3], items[1::3], items[2::3]
         try:
             distinct = set(names)
@@ -198,15 +213,16 @@ class Writer(threading.Thread):
                 g[1].append(tick)
             groups = dict(lists)
         out: list[tuple[str, pa.Table]] = []
+        holds: list[_Hold] = []
         for name, (grows, gticks) in groups.items():
             if name in self._held:  # keep order behind rows already waiting for their type
-                self._held[name].rows.extend(grows)
-                self._held[name].ticks.extend(gticks)
+                holds.append((name, grows, gticks))
                 continue
             try:
                 ft = self._resolver.resolve(name)
             except StoreError as exc:
-                self._hold(name, grows, gticks, exc)
+                holds.append((name, grows, gticks))
+                self._note_held(name, len(grows), exc)
                 continue
             if ft is None:
                 self._b.drop("unknown_fact_type", len(grows), f"fact type {name!r}")
@@ -214,7 +230,7 @@ class Writer(threading.Thread):
             table = self._to_table(ft, grows, gticks, now_us)
             if table is not None and table.num_rows:
                 out.append((ft.name, table))
-        return out
+        return out, holds
 
     def _to_table(self, ft: FactType, rows: Sequence[Any], ticks: Sequence[int], now_us: int
                   ) -> pa.Table | None:
@@ -246,14 +262,15 @@ class Writer(threading.Thread):
             self._b.set_est_row_bytes(int(table.nbytes / table.num_rows) + 400)
         return table
 
-    def _hold(self, name: str, rows: Sequence[Any], ticks: Sequence[int], exc: Exception) -> None:
-        self._held[name] = _Held(list(rows), list(ticks))
+    def _note_held(self, name: str, n: int, exc: Exception) -> None:
         self.retries += 1
         self._held_retry_at = max(self._held_retry_at, time.monotonic() + 0.05)
         self._warn.warn("held", "factlog: cannot look up fact type %r (%s); holding %d facts "
-                        "in memory and retrying", name, exc, len(rows))
+                        "in memory and retrying", name, exc, n)
 
     def _retry_held(self, now_us: int, *, force: bool) -> None:
+        """Look up the types of held rows again. Only this thread changes ``_held``, so it is
+        read without the lock; rows leave it and enter ``_unwritten`` in one locked step."""
         if not self._held or (time.monotonic() < self._held_retry_at and not force):
             return
         for name in list(self._held):
@@ -262,16 +279,19 @@ class Writer(threading.Thread):
             except StoreError:
                 self.retries += 1
                 self._held_failures += 1
-                delay = min(_RETRY_CAP_S, 0.05 * 2 ** min(self._held_failures, 10))
+                delay = min(self._cfg.max_backoff_s, 0.05 * 2 ** min(self._held_failures, 10))
                 self._held_retry_at = time.monotonic() + delay
                 return
-            held = self._held.pop(name)
+            held = self._held[name]
             if ft is None:
                 self._b.drop("unknown_fact_type", len(held.rows), f"fact type {name!r}")
-                continue
-            table = self._to_table(ft, held.rows, held.ticks, now_us)
-            if table is not None and table.num_rows:
-                self._unwritten.append((ft.name, table, None))
+                table = None
+            else:
+                table = self._to_table(ft, held.rows, held.ticks, now_us)
+            with self.lock:
+                del self._held[name]
+                if table is not None and table.num_rows:
+                    self._unwritten.append((name, table, None))
         self._held_failures = 0
 
     def _write_unwritten(self, *, force: bool) -> None:
@@ -290,7 +310,7 @@ class Writer(threading.Thread):
             except OSError as exc:
                 self.retries += 1
                 self._write_failures += 1
-                delay = min(_RETRY_CAP_S, 0.05 * 2 ** min(self._write_failures, 10))
+                delay = min(self._cfg.max_backoff_s, 0.05 * 2 ** min(self._write_failures, 10))
                 self._write_retry_at = time.monotonic() + delay
                 self._warn.warn("spool_write", "factlog: spool write failed (%s); %d tables "
                                 "kept in memory, retrying", exc, len(self._unwritten))

@@ -18,11 +18,12 @@ import pytest
 
 from factlog import FactTypeCatalog, FlushTimeout
 from factlog._spool import Spool, read_frames
-from ttstore import Store
+from ttstore import ManualClock, Store
 
 from .conftest import MotoServer
 from .logger_helpers import (  # noqa: F401  (no_logger_threads_left is an autouse fixture)
     PLAY,
+    T0,
     fact_keys,
     id_counts,
     make_logger,
@@ -225,3 +226,34 @@ def test_close_during_outage_leaves_facts_for_the_next_logger(moto_server: MotoS
         again.flush(60)
     counts = id_counts(read_facts(store))
     assert len(counts) == 200 and max(counts.values()) == 1
+
+
+@pytest.mark.s3
+def test_unresolvable_type_is_held_not_dropped(moto_server: MotoServer, tmp_path: Path) -> None:
+    from factlog import FactType
+
+    store = Store(f"s3://{moto_server.create_bucket()}/tt")
+    page = FactType("page", entity=("user", "string"), fields={"path": "string"})
+    FactTypeCatalog(store).declare(page)  # known to the store, not given to the logger
+    clock = ManualClock(T0)
+    lg = make_logger(store, tmp_path / "spool", clock=clock)
+    try:
+        moto_server.stop()
+        try:
+            for i in range(50):
+                assert lg.log("page", {"user": f"u{i}", "path": "/"})
+            seq = lg.checkpoint()
+            clock.advance(3_600_000_000)
+            with pytest.raises(FlushTimeout):  # held in memory: not durable yet, not dropped
+                lg.wait_durable(seq, 0.5)
+            held = lg.stats()
+            assert held.dropped == {} and held.durable == 0 and held.buffered == 0
+            assert held.upload_watermark_us <= T0  # held facts keep the watermark back
+        finally:
+            moto_server.start()
+        lg.wait_durable(seq, 60)
+        lg.flush(60)
+    finally:
+        lg.close()
+    got = read_facts(store, "page")
+    assert sorted(got.column("user").to_pylist()) == sorted(f"u{i}" for i in range(50))
