@@ -106,7 +106,8 @@ def reference_feature(
         value = values[-1]
     elif agg in ("sum", "mean"):
         if ftype == "float64":
-            total = float(np.add.reduceat(np.array(values, dtype=np.float64), [0])[0])
+            with np.errstate(all="ignore"):  # inf - inf is NaN, quietly, as in the engine
+                total = float(np.add.reduceat(np.array(values, dtype=np.float64), [0])[0])
         else:
             total = float(sum(int(v) for v in values))
         value = total if agg == "sum" else total / len(values)

@@ -274,7 +274,8 @@ class _Kernel:
         if agg in ("sum", "mean"):
             total, cnt = fd.sums(vis)
             has = cnt > 0
-            vals = total if agg == "sum" else total / np.where(has, cnt, 1)
+            with np.errstate(all="ignore"):
+                vals = total if agg == "sum" else total / np.where(has, cnt, 1)
             return self._numeric(spec, vals, has, pa.float64())
         # min / max
         ufunc = np.minimum if agg == "min" else np.maximum
