@@ -1,0 +1,75 @@
+"""The benchmark harness's bookkeeping: ratios, targets, formatting, and that a failing module is
+a row of the report rather than the end of the run. (The benchmarks themselves are not tests.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import Result, Target, at_least, at_most, ratio_at_least, ratio_at_most
+from bench.__main__ import BENCH_DIR, discover, main, spawn
+from bench._types import fmt_value
+
+
+def test_ratio_and_targets() -> None:
+    r = Result("log()", 700_000, "facts/s", baseline=200_000, baseline_name="JSON lines",
+               target=ratio_at_least(3.0, stretch=1_000_000))
+    assert r.ratio == pytest.approx(3.5)
+    assert r.met is True
+    assert r.target is not None and r.target.stretch_met(r.value) is False
+    assert Result("x", 500_000, "facts/s", baseline=200_000, target=ratio_at_least(3)).met is False
+    assert Result("p99", 4.9, "µs", target=at_most(5.0)).met is True
+    assert Result("p99", 5.1, "µs", target=at_most(5.0)).met is False
+    assert Result("t", 2.0, "s", baseline=1.0, target=ratio_at_most(1.5)).met is False
+    assert Result("b", 1e7, "facts/s", target=at_least(1e7)).met is True
+    # No baseline: no ratio, and a ratio target cannot be judged.
+    lone = Result("x", 1.0, "s", target=ratio_at_least(2))
+    assert lone.ratio is None and lone.met is None
+    assert Result("x", 1.0, "s", baseline=0.0).ratio is None
+    assert Result("x", 1.0, "s").met is None
+    assert Result("x", math.nan, "s", target=at_most(1)).met is None
+
+
+def test_json_round_trip() -> None:
+    r = Result("log()", 700_000.0, "facts/s", baseline=200_000.0, baseline_name="JSON lines",
+               target=ratio_at_least(3.0, stretch=1e6), note="n")
+    d = json.loads(json.dumps(r.to_json()))
+    assert d["ratio"] == pytest.approx(3.5) and d["met"] is True
+    assert d["target"]["text"] == "≥ 3× baseline (stretch ≥ 1M facts/s)"
+    assert d["target"]["stretch_met"] is False
+    assert Result.from_json(d) == r
+
+
+def test_formatting() -> None:
+    assert fmt_value(3_410_000, "facts/s") == "3.41M facts/s"
+    assert fmt_value(204_000, "facts/s") == "204k facts/s"
+    assert fmt_value(0.601, "µs") == "0.601 µs"
+    assert fmt_value(6162.4, "µs") == "6,162 µs"
+    assert fmt_value(None, "s") == "—"
+    assert fmt_value(math.nan, "s") == "n/a"
+    assert Target("<=", 5.0).describe("µs") == "≤ 5 µs"
+    assert at_least(1e7).describe("facts/s") == "≥ 10M facts/s"
+
+
+def test_discover_finds_the_bench_modules() -> None:
+    names = discover()
+    assert "factlog" in names
+    assert names == sorted(names)
+    for n in names:
+        assert (BENCH_DIR / f"{n}_bench.py").is_file()
+
+
+def test_a_failing_module_is_reported_not_raised() -> None:
+    run = spawn("no_such_module_for_tests", quick=True, timeout_s=60)
+    assert not run.ok and run.results == []
+    assert "ModuleNotFoundError" in run.error
+
+
+def test_unknown_module_names_are_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "nope", "--out", str(tmp_path / "r.json")])
+    assert exc.value.code == 2
+    assert not (tmp_path / "r.json").exists()
