@@ -37,7 +37,7 @@ from ._manifest import (
     plan_key,
     run_id_for,
 )
-from ._stage import ChunkEvent, Fetcher, ServiceStager, shard_indices
+from ._stage import ChunkEvent, Fetcher, ServiceStager, first_error, shard_indices
 from ._typing import load_types
 
 log = logging.getLogger("snapshotter.run")
@@ -280,8 +280,11 @@ class SnapshotRunner:
                         on_chunk=self.on_chunk,
                     )
                 )
-            async with asyncio.TaskGroup() as tg:
-                tasks = {s.service: tg.create_task(s.run()) for s in stagers}
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = {s.service: tg.create_task(s.run()) for s in stagers}
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
         return {name: t.result() for name, t in tasks.items()}
 
 
@@ -322,7 +325,7 @@ def _as_key_type(entities: pa.Array, config: Any, service: str) -> pa.Array:
 
 def _selection_table(store: Store, selection_id: str) -> pa.Table:
     """The selection's ``entity_id`` and ``weight`` columns."""
-    from ._selection import load_selection
+    from ._selections import load_selection
 
     sel = load_selection(store, selection_id)
     table: pa.Table = getattr(sel, "table", sel)
@@ -330,7 +333,7 @@ def _selection_table(store: Store, selection_id: str) -> pa.Table:
 
 
 def _latest_selection_id(store: Store, now_us: int) -> str:
-    from ._selection import latest_selection
+    from ._selections import latest_selection
 
     sel = latest_selection(store, now_us)
     sid = getattr(sel, "selection_id", sel)

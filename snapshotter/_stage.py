@@ -24,6 +24,7 @@ import pyarrow as pa
 from ttstore import TIMESTAMP_TYPE, Clock, ObjectExists, Store
 
 from ._errors import RunInterrupted
+from ._hashing import entity_hash
 from ._manifest import RunPlan, StagedChunk, chunk_key
 from ._typing import infer_kinds, payload_columns, unify
 
@@ -56,44 +57,58 @@ class Fetcher(Protocol):
     async def fetch(self, entities: Sequence[Any]) -> Sequence[FetchResultLike]: ...
 
 
-# -- the stable shard split ------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalResult:
+    """A :class:`FetchResultLike` made in process."""
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: every input bit affects every output bit."""
-    z = z + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    out: np.ndarray = z ^ (z >> np.uint64(31))
-    return out
+    entity: Any
+    status: str
+    payload: Mapping[str, Any] | None
+    raw_json: str | None
+    latency_s: float = 0.0
+    attempts: int = 1
+    error_kind: str | None = None
 
 
-def stable_hash(entities: pa.Array) -> np.ndarray:
-    """A 64-bit hash of each key that is the same in every process and every Python version:
-    splitmix64 of an int64 key, FNV-1a of a string key's UTF-8 bytes (then mixed). Vectorized:
-    strings are hashed one byte position at a time across all keys."""
-    if isinstance(entities, pa.ChunkedArray):
-        entities = entities.combine_chunks()
-    if pa.types.is_integer(entities.type):
-        return _mix64(entities.cast(pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64))
-    arr = entities.cast(pa.large_string())
-    n = len(arr)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    starts = offsets[:-1]
-    lengths = np.diff(offsets)
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    for pos in range(int(lengths.max()) if n else 0):
-        live = np.flatnonzero(lengths > pos)
-        h[live] = (h[live] ^ data[starts[live] + pos].astype(np.uint64)) * _FNV_PRIME
-    return _mix64(h)
+class LocalFetcher:
+    """A :class:`Fetcher` that answers from a Python function, in process: the local
+    implementation of the service-client plug-in point (tests, embedding, notebooks).
+
+    Args:
+        answer: ``answer(entity) -> dict`` (ok), ``None`` (missing); an exception is a failed
+            fetch whose ``error_kind`` is the exception's class name.
+    """
+
+    def __init__(self, answer: Callable[[Any], Mapping[str, Any] | None]) -> None:
+        self.answer = answer
+        self.requested = 0
+
+    async def fetch(self, entities: Sequence[Any]) -> list[LocalResult]:
+        out = []
+        for e in entities:
+            self.requested += 1
+            try:
+                p = self.answer(e)
+            except Exception as exc:  # a failed fetch is data, not a crash
+                out.append(LocalResult(e, "error", None, None, error_kind=type(exc).__name__))
+                continue
+            if p is None:
+                out.append(LocalResult(e, "missing", None, None))
+            else:
+                out.append(LocalResult(e, "ok", p, json.dumps(p, separators=(",", ":"))))
+        return out
+
+
+# -- the stable shard split ----------------------------------------------------------------------
+
+#: The hash key of the shard split: fixed forever, so every process splits a selection alike.
+SHARD_SEED = int.from_bytes(b"shard", "big")
+
+
+def stable_hash(entities: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each key, the same in every process, platform and version (the panel
+    hash of ``_hashing``, under its own fixed key)."""
+    return entity_hash(entities, SHARD_SEED)
 
 
 def shard_indices(entities: pa.Array, shard: int, shards: int) -> np.ndarray:
@@ -166,6 +181,25 @@ def stage_chunk(store: Store, key_: str, table: pa.Table) -> StagedChunk:
     return summarize(key_, table)
 
 
+def first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: an interruption if any task was interrupted
+    (stopping is the cause, the rest are its echoes), else the first failure."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for e in leaves:
+        if isinstance(e, RunInterrupted):
+            return e
+    return leaves[0]
+
+
 # -- one service of one shard -------------------------------------------------------------------
 
 
@@ -234,7 +268,7 @@ class ServiceStager:
                 return
             async with sem:
                 if self.stop is not None and self.stop.is_set():
-                    raise RunInterrupted("stopped before fetching every chunk")
+                    return  # chunks in flight finish and are staged; none start
                 c = self.plan.chunk_size
                 ents = self.entities.slice(k * c, c)
                 results = await self.fetcher.fetch(ents.to_pylist())
@@ -251,9 +285,17 @@ class ServiceStager:
                 out[k] = await asyncio.to_thread(stage_chunk, self.store, keys[k], table)
             self._report(k, n_chunks, out[k], resumed=False)
 
-        async with asyncio.TaskGroup() as tg:
-            for k in range(n_chunks):
-                tg.create_task(one(k))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for k in range(n_chunks):
+                    tg.create_task(one(k))
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+        if any(c is None for c in out):
+            raise RunInterrupted(
+                f"stopped with {sum(c is None for c in out)} chunk(s) of {self.service} "
+                "not fetched; what was staged is kept for the resume"
+            )
         return [c for c in out if c is not None]
 
     def _report(self, k: int, n: int, summary: StagedChunk | None, *, resumed: bool) -> None:
