@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat, starmap
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -251,8 +252,8 @@ class Buffer:
 
     def pop_rows(self, n: int) -> list[Any]:
         """The next ``n`` facts, flat: ``[fact_type, row, tick, fact_type, row, tick, ...]``."""
-        pop = self.items.popleft
-        return [pop() for _ in range(3 * n)]
+        # starmap calls popleft from C: about a third of the cost of a comprehension.
+        return list(starmap(self.items.popleft, repeat((), 3 * n)))
 
     def release(self, batches: list[Batch]) -> None:
         """The writer has written ``batches``: free their room and wake blocked callers."""

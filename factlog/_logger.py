@@ -420,9 +420,10 @@ class FactLogger:
         self._writer.join(max(0.0, deadline - time.monotonic()) + 1.0)
         self._uploader.stop()
         self._uploader.join(max(0.0, deadline - time.monotonic()) + 0.1)
-        left = self._b.buffered()
+        left = self._b.buffered() + self._writer.unspooled_rows()
         if left:
-            _log.error("factlog: %d facts were still in memory at close and are lost", left)
+            _log.error("factlog: %d accepted facts could not be spooled before close (see the "
+                       "warnings above) and are lost", left)
         if not self._uploader.is_alive():
             clean = not self._uploader.pending() and not self._writer.open_segment_stats()[1]
             self._uploader.heartbeat(closed=clean)

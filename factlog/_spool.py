@@ -260,7 +260,9 @@ class Spool:
             self._write_ceiling(self._ceiling)
         n = self._next
         self._next += 1
-        return OpenSegment(self.segments_dir, n, fact_type)
+        seg = OpenSegment(self.segments_dir, n, fact_type)
+        _fsync_dir(self.segments_dir)  # fdatasync covers the data; the new name needs this
+        return seg
 
     def last_number(self) -> int:
         """The greatest segment number handed out so far (0 if none)."""

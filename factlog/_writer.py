@@ -111,6 +111,12 @@ class Writer(threading.Thread):
                 parts.append(int(np.min(t.column("logged_at").cast(pa.int64()).to_numpy())))
         return parts
 
+    def unspooled_rows(self) -> int:
+        """Rows this thread holds in memory: types not yet resolved, or spool writes failing."""
+        with self.lock:
+            return (sum(len(h.rows) for h in self._held.values())
+                    + sum(int(t.num_rows) for _n, t, _b in self._unwritten))
+
     def open_segment_stats(self) -> tuple[int, int]:
         """(bytes, count) of open segments."""
         segs = list(self._open.values())
