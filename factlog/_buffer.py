@@ -122,6 +122,7 @@ class Buffer:
         max_rows: int,
         max_bytes: int,
         batch_rows: int,
+        batch_bytes: int,
         full_policy: Literal["drop", "block"],
         block_timeout_s: float,
         tick: Callable[[], int],
@@ -131,7 +132,9 @@ class Buffer:
         self.ctrl: deque[Batch | Marker] = deque()
         self.wake = threading.Event()
         self.batch_rows = batch_rows
-        self.wake_at = 3 * batch_rows  # in items
+        self.batch_bytes = batch_bytes
+        self.wake_rows = batch_rows  # the writer is woken early at this many rows
+        self.wake_at = 3 * batch_rows  # the same, in items
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.item_cap = 3 * max_rows  # log() accepts while len(items) is below this
@@ -163,6 +166,7 @@ class Buffer:
     def set_est_row_bytes(self, est: int) -> None:
         with self._lock:
             self.est_row_bytes = max(64, est)
+            self.wake_rows = max(1, min(self.batch_rows, self.batch_bytes // self.est_row_bytes))
             self._recompute_cap()
 
     def buffered(self) -> int:
@@ -247,7 +251,7 @@ class Buffer:
         with self._lock:
             ctrl = list(self.ctrl)
             self.ctrl.clear()
-        self.wake_at = 3 * self.batch_rows
+        self.wake_at = 3 * self.wake_rows
         return ctrl, len(self.items) // 3
 
     def pop_rows(self, n: int) -> list[Any]:

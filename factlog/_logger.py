@@ -54,6 +54,7 @@ class LoggerConfig:
     max_buffer_rows: int = 500_000
     max_buffer_bytes: int = 256 * _MiB
     batch_rows: int = 8192
+    batch_bytes: int = 4 * _MiB
     group_commit_interval_s: float = 0.1
     segment_max_bytes: int = 64 * _MiB
     segment_max_age_s: float = 10.0
@@ -73,7 +74,8 @@ class LoggerConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
                 raise InvalidInput(f"{name} must be a number > 0, not {v!r}", field=name)
-        for name in ("max_buffer_rows", "max_buffer_bytes", "batch_rows", "segment_max_bytes"):
+        for name in ("max_buffer_rows", "max_buffer_bytes", "batch_rows", "batch_bytes",
+                     "segment_max_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1, not {v!r}", field=name)
@@ -98,7 +100,9 @@ class FactLogger:
         log_batch_timeout_s: default bound for ``log_batch``/``append_facts`` to wait for room.
         max_buffer_rows: facts in memory at most (rows and tables not yet spooled).
         max_buffer_bytes: approximate memory bound of the buffer.
-        batch_rows: wake the writer early when this many rows are waiting.
+        batch_rows: wake the writer early when this many rows are waiting...
+        batch_bytes: ...or about this many bytes (estimated from the facts converted so far);
+            otherwise it wakes every ``group_commit_interval_s``.
         group_commit_interval_s: a fact is fsynced at most about this long after acceptance
             (at once on flush, checkpoint, ``log_batch`` and ``append_facts``).
         segment_max_bytes: rotate (seal) a spool segment at this size...
@@ -126,6 +130,7 @@ class FactLogger:
         max_buffer_rows: int = 500_000,
         max_buffer_bytes: int = 256 * _MiB,
         batch_rows: int = 8192,
+        batch_bytes: int = 4 * _MiB,
         group_commit_interval_s: float = 0.1,
         segment_max_bytes: int = 64 * _MiB,
         segment_max_age_s: float = 10.0,
@@ -135,7 +140,7 @@ class FactLogger:
         self.config = cfg = LoggerConfig(
             full_policy=full_policy, block_timeout_s=block_timeout_s,
             log_batch_timeout_s=log_batch_timeout_s, max_buffer_rows=max_buffer_rows,
-            max_buffer_bytes=max_buffer_bytes, batch_rows=batch_rows,
+            max_buffer_bytes=max_buffer_bytes, batch_rows=batch_rows, batch_bytes=batch_bytes,
             group_commit_interval_s=group_commit_interval_s, segment_max_bytes=segment_max_bytes,
             segment_max_age_s=segment_max_age_s, heartbeat_interval_s=heartbeat_interval_s,
             max_backoff_s=max_backoff_s,
@@ -171,7 +176,7 @@ class FactLogger:
             raise
         self._b = Buffer(
             max_rows=cfg.max_buffer_rows, max_bytes=cfg.max_buffer_bytes,
-            batch_rows=cfg.batch_rows, full_policy=cfg.full_policy,
+            batch_rows=cfg.batch_rows, batch_bytes=cfg.batch_bytes, full_policy=cfg.full_policy,
             block_timeout_s=cfg.block_timeout_s, tick=self._tick, warnings=self._warn,
         )
         self._items = self._b.items
@@ -182,7 +187,8 @@ class FactLogger:
             catalog=self._catalog, resolver=self._resolver, pending_declarations=pending,
             warnings=self._warn,
         )
-        self._uploader.fact_types.update(ft.name for ft in fact_types)
+        for ft in fact_types:
+            self._uploader.note_fact_type(ft.name)
         for seg in recovered:
             self._uploader.add_sealed(seg)
         self._writer = Writer(
@@ -192,7 +198,7 @@ class FactLogger:
                                 segment_max_bytes=cfg.segment_max_bytes,
                                 segment_max_age_s=cfg.segment_max_age_s,
                                 max_backoff_s=cfg.max_backoff_s),
-            warnings=self._warn, on_fact_type=self._uploader.fact_types.add,
+            warnings=self._warn, on_fact_type=self._uploader.note_fact_type,
         )
         self._uploader.watermark_fn = self.upload_watermark_us
         self._writer.start()

@@ -128,6 +128,11 @@ class Uploader(threading.Thread):
             self._failures = 0  # a flush retries at once, whatever the backoff said
         self._wake.set()
 
+    def note_fact_type(self, name: str) -> None:
+        """Name ``name`` in the heartbeat from now on."""
+        with self.lock:
+            self.fact_types.add(name)
+
     def stop(self) -> None:
         self._stop_requested = True
         self._wake.set()
