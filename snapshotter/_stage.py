@@ -26,7 +26,7 @@ from ttstore import TIMESTAMP_TYPE, Clock, ObjectExists, Store
 from ._errors import RunInterrupted
 from ._hashing import entity_hash
 from ._manifest import RunPlan, StagedChunk, chunk_key
-from ._typing import infer_kinds, payload_columns, unify
+from ._typing import field_values, infer_kinds, payload_columns, unify
 
 KINDS_METADATA = b"timetravel.kinds"
 STATUSES = ("ok", "missing", "error")
@@ -137,7 +137,8 @@ def chunk_table(
     """
     n = len(results)
     payloads = [r.payload if r.status == "ok" else None for r in results]
-    kinds = infer_kinds(payloads)
+    values = field_values(payloads)
+    kinds = infer_kinds(payloads, values=values)
     types = unify(frozen, [kinds])
     latency = np.fromiter((r.latency_s for r in results), dtype=np.float64, count=n) * 1e3
     cols: dict[str, pa.Array] = {
@@ -151,7 +152,7 @@ def chunk_table(
         "weight": weights,
         "raw_json": pa.array([r.raw_json for r in results], pa.string()),
     }
-    cols.update(payload_columns(payloads, types))
+    cols.update(payload_columns(payloads, types, values=values))
     table = pa.table(cols)
     table = table.replace_schema_metadata({KINDS_METADATA: json.dumps(kinds).encode()})
     return table, kinds

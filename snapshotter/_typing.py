@@ -71,17 +71,14 @@ def field_name(column: str) -> str | None:
     return column[len(PAYLOAD_PREFIX) :] if column.startswith(PAYLOAD_PREFIX) else None
 
 
-def _kind(value: object) -> str | None:
-    # bool before int: in Python, True is an int.
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int64"
-    if isinstance(value, float):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    return None
+_KIND_OF: dict[type, str] = {bool: "bool", int: "int64", float: "float64", str: "string"}
+#: Python types a column of each kind takes as is (anything else goes through ``_fits``).
+_TAKES: dict[str, frozenset[type]] = {
+    "int64": frozenset((int, type(None))),
+    "float64": frozenset((float, int, type(None))),
+    "bool": frozenset((bool, type(None))),
+    "string": frozenset((str, type(None))),
+}
 
 
 def _merge_kind(have: str | None, seen: str) -> str:
@@ -92,21 +89,40 @@ def _merge_kind(have: str | None, seen: str) -> str:
     return have  # float stays float for ints; a conflicting kind does not change the type
 
 
-def infer_kinds(payloads: Sequence[Mapping[str, Any] | None]) -> dict[str, str]:
-    """The kinds of the typed fields seen in ``payloads``, in row order (first kind wins; int
-    and float unify to float). Insertion order is first appearance."""
-    kinds: dict[str, str] = {}
-    for p in payloads:
-        if not p:
-            continue
-        for name, value in p.items():
-            k = _kind(value)
-            if k is None or not _FIELD.match(name):
-                continue
-            have = kinds.get(name)
-            if have != k:
-                kinds[name] = _merge_kind(have, k)
-    return kinds
+def field_values(payloads: Sequence[Mapping[str, Any] | None]) -> dict[str, list[Any]]:
+    """The values of every typed-name field, column by column (None where absent), fields in
+    name order."""
+    names: set[str] = set().union(*(p for p in payloads if p))
+    valid = sorted(n for n in names if isinstance(n, str) and _FIELD.fullmatch(n))
+    return {n: [p.get(n) if p else None for p in payloads] for n in valid}
+
+
+def _column_kind(values: list[Any]) -> str | None:
+    """The kind of one field's values, in row order: the first scalar kind seen wins, and an
+    int field with any float becomes float."""
+    present = set(map(type, values)) & _KIND_OF.keys()
+    if not present:
+        return None
+    if len(present) == 1:
+        return _KIND_OF[next(iter(present))]
+    first = next(_KIND_OF[type(v)] for v in values if type(v) in _KIND_OF)
+    return _merge_kind(first, "float64") if float in present else first
+
+
+def infer_kinds(
+    payloads: Sequence[Mapping[str, Any] | None],
+    *,
+    values: Mapping[str, list[Any]] | None = None,
+) -> dict[str, str]:
+    """The kinds of the typed fields seen in ``payloads`` (first kind in row order wins; int
+    and float unify to float), in field-name order."""
+    cols = field_values(payloads) if values is None else values
+    out = {}
+    for name, vals in cols.items():
+        k = _column_kind(vals)
+        if k is not None:
+            out[name] = k
+    return out
 
 
 def unify(frozen: Mapping[str, str], observed: Sequence[Mapping[str, str]]) -> dict[str, str]:
@@ -121,34 +137,40 @@ def unify(frozen: Mapping[str, str], observed: Sequence[Mapping[str, str]]) -> d
 
 def _fits(value: object, kind: str) -> bool:
     if kind == "int64":
-        return (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and _INT64_MIN <= value <= _INT64_MAX
-        )
+        return type(value) is int and _INT64_MIN <= value <= _INT64_MAX
     if kind == "float64":
-        return isinstance(value, float) or (
-            isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1023
-        )
+        return type(value) is float or (type(value) is int and abs(value) < 2**1023)
     if kind == "bool":
-        return isinstance(value, bool)
-    return isinstance(value, str)
+        return type(value) is bool
+    return type(value) is str
+
+
+def _typed_array(values: list[Any], kind: str) -> pa.Array:
+    target = KINDS[kind]
+    if set(map(type, values)) <= _TAKES[kind]:
+        try:
+            return pa.array(values, type=target)
+        except (OverflowError, pa.ArrowInvalid):
+            pass  # an int beyond int64: the per-value path below nulls it
+    return pa.array([v if v is not None and _fits(v, kind) else None for v in values], target)
 
 
 def payload_columns(
-    payloads: Sequence[Mapping[str, Any] | None], types: Mapping[str, str]
+    payloads: Sequence[Mapping[str, Any] | None],
+    types: Mapping[str, str],
+    *,
+    values: Mapping[str, list[Any]] | None = None,
 ) -> dict[str, pa.Array]:
     """One typed Arrow column per field of ``types`` (named ``p_<field>``); values that do not
     fit, and absent fields, are null."""
+    cols = field_values(payloads) if values is None else values
+    n = len(payloads)
     out: dict[str, pa.Array] = {}
     for name, kind in types.items():
-        vals = [
-            v if (v := p.get(name)) is not None and _fits(v, kind) else None
-            for p in (q or {} for q in payloads)
-        ]
-        if kind == "float64":
-            vals = [None if v is None else float(v) for v in vals]
-        out[column_name(name)] = pa.array(vals, type=KINDS[kind])
+        vals = cols.get(name)
+        out[column_name(name)] = (
+            pa.nulls(n, KINDS[kind]) if vals is None else _typed_array(vals, kind)
+        )
     return out
 
 
