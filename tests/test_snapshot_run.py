@@ -261,3 +261,29 @@ def test_failing_and_down_services_commit_with_their_confidence(local_store):
     ).column("entity_id")).to_pylist()
     assert res.column("status").to_pylist() == [
         "error" if s else "not_sampled" for s in sampled]
+
+
+def test_payload_typing_rules():
+    from snapshotter._typing import conform, infer_kinds, payload_columns, unify
+
+    payloads = [
+        {"n": 1, "x": 1, "s": "a", "b": True, "big": 2**70, "Bad": 1, "nested": {"a": 1}},
+        None,
+        {"n": 2, "x": 2.5, "s": 3, "b": 1, "big": 5},
+    ]
+    kinds = infer_kinds(payloads)
+    assert kinds == {"b": "bool", "big": "int64", "n": "int64", "s": "string", "x": "float64"}
+    cols = payload_columns(payloads, kinds)
+    assert cols["p_x"].to_pylist() == [1.0, None, 2.5]
+    assert cols["p_s"].to_pylist() == ["a", None, None]  # 3 does not fit a string field
+    assert cols["p_b"].to_pylist() == [True, None, None]  # 1 is not a bool
+    assert cols["p_big"].to_pylist() == [None, None, 5]  # 2**70 does not fit int64
+    # Frozen types win over a later run's kinds, except that int widens to float.
+    assert unify({"n": "int64", "s": "string"}, [{"n": "float64", "s": "int64", "z": "bool"}]) == {
+        "n": "float64", "s": "string", "z": "bool"}
+    t = pa.table({"entity_id": [1, 2], "p_n": pa.array([1, 2]), "p_s": pa.array([1, 2])})
+    c = conform(t, {"n": "float64", "s": "string", "z": "bool"})
+    assert c.column_names == ["entity_id", "p_n", "p_s", "p_z"]
+    assert c.column("p_n").to_pylist() == [1.0, 2.0]
+    assert c.column("p_s").to_pylist() == [None, None]
+    assert c.column("p_z").type == pa.bool_()
