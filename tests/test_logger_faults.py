@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from factlog import FactTypeCatalog, FlushTimeout
+from factlog import FactTypeCatalog, FlushTimeout, read_heartbeats
 from factlog._spool import Spool, read_frames
 from ttstore import ManualClock, Store
 
@@ -72,10 +72,18 @@ def test_s3_outage_loses_and_duplicates_nothing(moto_server: MotoServer, tmp_pat
         lg.close()
     assert outage.retries > 0 and outage.spool_segments > 0 and outage.durable == 3500
     assert outage.written == 500
-    counts = id_counts(read_facts(store))
+    got = read_facts(store)
+    counts = id_counts(got)
     assert all(counts[f] == 1 for f in flushed + durable)
     assert set(counts) == set(accepted) and max(counts.values()) == 1
     assert stats.dropped == {} and stats.written == 3500 and stats.spool_segments == 0
+    # The watermark never passed a fact that was still in the spool, and caught up after.
+    logged = dict(zip(got.column("fact_id").to_pylist(),
+                      got.column("logged_at").cast(pa.int64()).to_pylist(), strict=True))
+    assert outage.upload_watermark_us <= min(logged[f] for f in accepted if f.startswith("b-"))
+    assert stats.upload_watermark_us >= max(logged.values())
+    (hb,) = read_heartbeats(store)
+    assert hb.watermark_us >= max(logged.values())
 
 
 @pytest.mark.s3
