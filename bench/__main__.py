@@ -165,7 +165,7 @@ def print_table(runs: list[ModuleRun], quick: bool, info: dict[str, Any]) -> Non
     table = Table(title=title, show_lines=False)
     table.add_column("bench")
     table.add_column("metric", overflow="fold")
-    for col in ("value", "baseline", "ratio"):
+    for col in ("value", "baseline", "value/baseline"):
         table.add_column(col, justify="right")
     table.add_column("target")
     table.add_column("met")
