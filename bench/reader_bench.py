@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--entities", type=int, default=200_000)
     ap.add_argument("--dup-share", type=float, default=0.01)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--row-group-rows", type=int, default=CompactionConfig().row_group_rows)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -113,7 +114,7 @@ def main() -> None:
         reader = FactReader(store)
         raw = measure(reader, args.repeat, args.entities)
         compactor = Compactor(store, clock=ManualClock(T0 + 3 * US_PER_DAY),
-                              config=CompactionConfig())
+                              config=CompactionConfig(row_group_rows=args.row_group_rows))
         t = time.perf_counter()
         report = compactor.run()
         compact_s = time.perf_counter() - t

@@ -46,6 +46,7 @@ from ttstore import (
 from ._dedup import dedup_table
 from ._facttypes import FactTypeCatalog
 from ._ids import uuid7_array
+from ._parquetio import read_files
 from ._partitions import (
     CompactionRecord,
     FactFile,
@@ -56,7 +57,7 @@ from ._partitions import (
     list_partitions,
     read_partition,
 )
-from ._reader import read_files, sort_facts
+from ._reader import sort_facts
 
 DEFAULT_GRACE_US = 3600 * US_PER_S
 _ATTEMPTS = 5
@@ -83,7 +84,7 @@ class CompactionConfig:
 
     grace_us: int = DEFAULT_GRACE_US
     orphan_age_us: int = 3600 * US_PER_S
-    row_group_rows: int = 32_768
+    row_group_rows: int = 8_192
     max_file_rows: int = 4_000_000
     min_files: int = 2
     max_conflicts_recorded: int = 10_000

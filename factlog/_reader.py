@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from ttstore import US_PER_DAY, InvalidInput, Store, StoreUnavailable
 
@@ -35,12 +34,12 @@ from ._dedup import (
     nulls_first,
 )
 from ._facttypes import FactType, FactTypeCatalog
+from ._parquetio import FooterCache, read_files
 from ._partitions import FactFile, Partition, RecordCache, list_partitions
 
 #: Columns a deduplicating scan always reads, whatever was asked for.
 KEY_COLUMNS = ("fact_id", "event_time", "logged_at", "ingested_at", "producer")
 DEFAULT_SCHEMA_REFRESH_S = 5.0
-_PARQUET = ds.ParquetFileFormat()
 
 
 class FactReader:
@@ -63,6 +62,7 @@ class FactReader:
         self.catalog = catalog or FactTypeCatalog(store)
         self.schema_refresh_s = schema_refresh_s
         self._records = RecordCache()
+        self._footers = FooterCache()
         self._schema_at: dict[str, float] = {}
 
     # -- listing ---------------------------------------------------------------------------------
@@ -109,8 +109,8 @@ class FactReader:
         reports both)."""
         ft = self.fact_type(fact_type)
         schema = ft.arrow_schema().remove_metadata()
-        table = read_files(self.store, self.live_files(fact_type, start_us=start_us,
-                                                       end_us=end_us), schema)
+        table = self._read(self.live_files(fact_type, start_us=start_us, end_us=end_us),
+                           schema, schema.names, None)
         res = dedup_table(table, entity=ft.entity_name, fields=list(ft.fields),
                           json_fields=[f for f, t in ft.fields.items() if t == "json"])
         out = pa.table({ft.entity_name: res.conflict_entities, "fact_id": res.conflict_fact_ids})
@@ -161,15 +161,14 @@ class FactReader:
         for c in (ft.entity_name, *KEY_COLUMNS):
             if c not in read_cols:
                 read_cols.append(c)
-        filt = None if ent is None else pc.field(ft.entity_name).isin(ent)
 
         for attempt in range(2):
             files = self.live_files(fact_type, start_us=start_us, end_us=end_us)
             try:
-                table = self._read(files, schema, read_cols, filt).combine_chunks()
+                table = self._read(files, schema, read_cols, ent).combine_chunks()
                 keep = None
                 if dedup:
-                    table, keep = self._dedup(ft, schema, files, table, read_cols, filt)
+                    table, keep = self._dedup(ft, schema, files, table, read_cols, ent)
                 break
             except FileNotFoundError:
                 # A file listed and then deleted after its compaction's grace period: the
@@ -188,13 +187,14 @@ class FactReader:
 
     def _read(
         self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],
-        filt: pc.Expression | None,
+        entities: pa.Array | None, filt: pc.Expression | None = None,
     ) -> pa.Table:
-        return read_files(self.store, files, schema, columns=columns, filter=filt)
+        return read_files(self.store, files, schema, columns=columns, filter=filt,
+                          entity=schema.names[1], entities=entities, cache=self._footers)
 
     def _dedup(
         self, ft: FactType, schema: pa.Schema, files: Sequence[FactFile], table: pa.Table,
-        read_cols: Sequence[str], filt: pc.Expression | None,
+        read_cols: Sequence[str], entities: pa.Array | None,
     ) -> tuple[pa.Table, np.ndarray | None]:
         """The rows to keep (None: all), and the table they index (replaced when the payload
         had to be read again)."""
@@ -222,41 +222,12 @@ class FactReader:
         tied_ids = _tied_ids(table, dups, w.tied)
         keep &= ~pc.is_in(table.column("fact_id"), value_set=tied_ids).to_numpy(
             zero_copy_only=False)
-        full_filter = pc.field("fact_id").isin(tied_ids)
-        if filt is not None:
-            full_filter = full_filter & filt
-        full = self._read(files, schema, schema.names, full_filter)
+        full = self._read(files, schema, schema.names, entities,
+                          pc.field("fact_id").isin(tied_ids))
         resolved = dedup_table(full, entity=entity, fields=fields, json_fields=json_fields).table
         merged = pa.concat_tables([table.filter(pa.array(keep)),
                                    resolved.select(list(read_cols))]).combine_chunks()
         return merged, None
-
-
-def read_files(
-    store: Store, files: Sequence[FactFile], schema: pa.Schema, *,
-    columns: Sequence[str] | None = None, filter: pc.Expression | None = None,
-) -> pa.Table:
-    """Every row of ``files`` in ``schema`` (missing fields null), without deduplication.
-
-    Raises:
-        FileNotFoundError: a file is gone (deleted after its compaction's grace period).
-        StoreUnavailable: the store could not be read.
-    """
-    cols = list(schema.names if columns is None else columns)
-    if not files:
-        return schema.empty_table().select(cols)
-    fs, root = store.arrow_filesystem()
-    dataset = ds.FileSystemDataset.from_paths(
-        [f"{root}/{f.key}" for f in files], schema=schema, format=_PARQUET, filesystem=fs
-    )
-    try:
-        return dataset.to_table(columns=cols, filter=filter, use_threads=True)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        if "NoSuchKey" in str(exc) or "does not exist" in str(exc):
-            raise FileNotFoundError(str(exc)) from exc
-        raise StoreUnavailable(f"store unavailable while reading facts: {exc}") from exc
 
 
 def _tied_ids(table: pa.Table, dups: DuplicateGroups, tied: np.ndarray) -> pa.Array:

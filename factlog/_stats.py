@@ -42,7 +42,8 @@ from ttstore import (
 from ._compact import entity_json
 from ._dedup import dedup_table
 from ._facttypes import FactTypeCatalog
-from ._reader import FactReader, _bounds, read_files
+from ._parquetio import read_files
+from ._reader import FactReader, _bounds
 
 DEFAULT_LATE_THRESHOLD_US = 3600 * US_PER_S
 DEFAULT_IMPORT_THRESHOLD_US = 3600 * US_PER_S

@@ -21,8 +21,8 @@ from factlog import (
     FactReader,
     FactTypeCatalog,
 )
+from factlog._parquetio import read_files
 from factlog._partitions import read_partition
-from factlog._reader import read_files
 from tests.factdata import DAY, PLAY, T0, H, random_facts, reference_scan, table_rows, write_facts
 from ttstore import ManualClock, Store, StoreUnavailable
 from ttstore._cli import main

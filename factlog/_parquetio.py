@@ -1,0 +1,138 @@
+"""Reading fact files: footers cached, row groups chosen by their entity statistics.
+
+Fact objects are immutable, so a file's Parquet footer (schema, row groups, statistics) is read
+once per reader and kept: a repeated scan of the same files (the query service asking about one
+entity after another) costs no footer requests. For a scan of some entities, the row groups whose
+entity [min, max] holds none of them are skipped; compacted files are sorted by entity in modest
+row groups, so that prunes most of a file. The entity filter itself is then one hash lookup in
+memory, cheaper than pushing a long ``is_in`` into every row group.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ttstore import Store, StoreUnavailable
+
+from ._partitions import FactFile
+
+_PARQUET = ds.ParquetFileFormat()
+DEFAULT_MAX_CACHED_FILES = 20_000
+
+
+@dataclass(frozen=True)
+class _Footer:
+    fragment: ds.ParquetFileFragment
+    mins: np.ndarray | None  # entity min per row group; None when statistics are missing
+    maxs: np.ndarray | None
+
+
+class FooterCache:
+    """Parquet footers of fact files by store key, least recently used evicted. Thread-safe."""
+
+    def __init__(self, *, max_files: int = DEFAULT_MAX_CACHED_FILES) -> None:
+        self.max_files = max_files
+        self._items: OrderedDict[tuple[str, str], _Footer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fs: Any, path: str, key: str, entity: str) -> _Footer:
+        with self._lock:
+            hit = self._items.get((key, entity))
+            if hit is not None:
+                self._items.move_to_end((key, entity))
+                return hit
+        footer = _load(fs, path, entity)
+        with self._lock:
+            self._items[(key, entity)] = footer
+            while len(self._items) > self.max_files:
+                self._items.popitem(last=False)
+        return footer
+
+
+def _load(fs: Any, path: str, entity: str) -> _Footer:
+    frag = _PARQUET.make_fragment(path, filesystem=fs)
+    md = frag.metadata  # reads the footer
+    j = md.schema.to_arrow_schema().get_field_index(entity)
+    if j < 0:
+        return _Footer(frag, None, None)
+    mins, maxs = [], []
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(j).statistics
+        if st is None or not st.has_min_max:
+            return _Footer(frag, None, None)
+        mins.append(st.min)
+        maxs.append(st.max)
+    return _Footer(frag, np.array(mins), np.array(maxs))
+
+
+def read_files(
+    store: Store, files: Sequence[FactFile], schema: pa.Schema, *,
+    columns: Sequence[str] | None = None, filter: pc.Expression | None = None,
+    entity: str | None = None, entities: pa.Array | None = None,
+    cache: FooterCache | None = None,
+) -> pa.Table:
+    """Every row of ``files`` in ``schema`` (missing fields null), without deduplication.
+
+    Args:
+        columns: the columns to read (default: all).
+        filter: a row filter pushed down to the scan.
+        entity, entities: only rows whose ``entity`` column is in ``entities`` (row groups
+            that cannot hold one are skipped).
+        cache: keeps footers across calls.
+
+    Raises:
+        FileNotFoundError: a file is gone (deleted after its compaction's grace period).
+        StoreUnavailable: the store could not be read.
+    """
+    cols = list(schema.names if columns is None else columns)
+    if not files:
+        return schema.empty_table().select(cols)
+    fs, root = store.arrow_filesystem()
+    try:
+        if entities is None or entity is None:
+            if cache is None:
+                dataset = ds.FileSystemDataset.from_paths(
+                    [f"{root}/{f.key}" for f in files], schema=schema, format=_PARQUET,
+                    filesystem=fs)
+            else:
+                ent = entity or schema.names[1]  # the stored schema's entity column
+                frags = [cache.get(fs, f"{root}/{f.key}", f.key, ent).fragment for f in files]
+                dataset = ds.FileSystemDataset(frags, schema, _PARQUET, fs)
+            return dataset.to_table(columns=cols, filter=filter, use_threads=True)
+        wanted = np.sort(entities.to_numpy(zero_copy_only=False))
+        cache = cache or FooterCache()
+        frags = []
+        for f in files:
+            footer = cache.get(fs, f"{root}/{f.key}", f.key, entity)
+            if footer.mins is None or footer.maxs is None:
+                frags.append(footer.fragment)
+                continue
+            lo = np.searchsorted(wanted, footer.mins, "left")
+            hi = np.searchsorted(wanted, footer.maxs, "right")
+            groups = np.flatnonzero(hi > lo)
+            if len(groups) == len(footer.mins):
+                frags.append(footer.fragment)
+            elif len(groups):
+                frags.append(footer.fragment.subset(row_group_ids=groups.tolist()))
+        if not frags:
+            return schema.empty_table().select(cols)
+        read_cols = cols if entity in cols else [*cols, entity]
+        table = ds.FileSystemDataset(frags, schema, _PARQUET, fs).to_table(
+            columns=read_cols, filter=filter, use_threads=True)
+        table = table.filter(pc.is_in(table.column(entity), value_set=entities))
+        return table.select(cols)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "NoSuchKey" in str(exc) or "does not exist" in str(exc) or "Not Found" in str(exc):
+            raise FileNotFoundError(str(exc)) from exc
+        raise StoreUnavailable(f"store unavailable while reading facts: {exc}") from exc
