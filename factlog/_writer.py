@@ -88,7 +88,8 @@ class Writer(threading.Thread):
         self._unwritten: list[tuple[str, pa.Table, Batch | None]] = []
         self._write_retry_at = 0.0
         self._write_failures = 0
-        self._deferred: list[Batch | Marker] = []
+        self._deferred: list[Batch | Marker] = []  # drained; durable once spooled and synced
+        self._markers: list[Marker] = []  # durable; flushes wait for sealing, then upload
         self._pending_release: list[Batch] = []
         self._unsynced_since: float | None = None
         self._stop_requested = False
@@ -149,7 +150,12 @@ class Writer(threading.Thread):
         unsynced write is an interval old (under sustained load the timer never fires)."""
         start_us = self._clock.now_us()
         ctrl, n = self._b.drain()
-        batches = [c for c in ctrl if isinstance(c, Batch)]
+        # Take ownership of the control entries first, so no failure below can lose them.
+        self._deferred.extend(ctrl)
+        with self.lock:
+            for c in ctrl:
+                if isinstance(c, Batch):
+                    self._unwritten.append((c.fact_type, c.table, c))
         while n > 0:
             # Chunks keep the working set small; the lock is not held across them, which is
             # safe for the watermark because last_cycle_start_us moves only at the end.
@@ -170,32 +176,28 @@ class Writer(threading.Thread):
                 self._write_unwritten(force=final)
         self._retry_held(start_us, force=final)
         with self.lock:
-            for b in batches:
-                self._unwritten.append((b.fact_type, b.table, b))
             self._write_unwritten(force=final)
             self.last_cycle_start_us = start_us
-        self._deferred.extend(c for c in ctrl if c.seq)
-        blocked = bool(self._held or self._unwritten)
-        releasable = [] if blocked else self._deferred
-        if not blocked:
-            self._deferred = []
+        # Checkpoints and flushes wait behind facts still held in memory.
+        ready = bool(self._deferred) and not (self._held or self._unwritten)
         now = time.monotonic()
         due = (self._unsynced_since is not None
                and now - self._unsynced_since >= self._cfg.group_commit_interval_s)
-        if releasable or due or final or timer:
+        if ready or due or final or timer:
             self._sync()
         self._b.release(self._pending_release)
         self._pending_release = []
-        if releasable:
+        if ready:
+            releasable, self._deferred = self._deferred, []
             self._b.set_durable(max(c.seq for c in releasable))
-        flush = final or any(isinstance(c, Marker) and c.flush for c in releasable)
-        self._rotate(seal_all=flush, now=now)
-        for c in releasable:
-            if isinstance(c, Marker):
-                if c.flush:
-                    self._uploader.add_marker(c, through=self._spool.last_number())
-                else:
-                    c.complete()
+            self._markers.extend(c for c in releasable if isinstance(c, Marker))
+        self._rotate(seal_all=final or any(m.flush for m in self._markers), now=now)
+        markers, self._markers = self._markers, []
+        for m in markers:
+            if m.flush:
+                self._uploader.add_marker(m, through=self._spool.last_number())
+            else:
+                m.complete()
 
     def _convert(self, items: list[Any], now_us: int) -> tuple[list[tuple[str, pa.Table]],
                                                                list[_Hold]]:
@@ -313,6 +315,14 @@ class Writer(threading.Thread):
                     seg = self._open[name] = self._spool.new_segment(name)
                     self._on_fact_type(name)
                 seg.append(table)
+            except pa.ArrowException:  # cannot happen for validated tables; never block on it
+                _log.exception("factlog: cannot encode %d facts of %r for the spool",
+                               table.num_rows, name)
+                self._b.drop("invalid:unencodable", table.num_rows)
+                self._unwritten.pop(0)
+                if batch is not None:
+                    self._pending_release.append(batch)
+                continue
             except OSError as exc:
                 self.retries += 1
                 self._write_failures += 1

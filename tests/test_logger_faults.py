@@ -265,3 +265,29 @@ def test_unresolvable_type_is_held_not_dropped(moto_server: MotoServer, tmp_path
         lg.close()
     got = read_facts(store, "page")
     assert sorted(got.column("user").to_pylist()) == sorted(f"u{i}" for i in range(50))
+
+
+def test_spool_write_failure_keeps_facts_in_memory(local_store: Store, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    lg = make_logger(local_store, spool)
+    try:
+        segments = spool / "segments"
+        segments.rename(tmp_path / "moved")
+        segments.write_text("not a directory")  # every segment create fails: ENOTDIR
+        try:
+            for i in range(100):
+                assert lg.log("play", row(i))
+            seq = lg.checkpoint()
+            with pytest.raises(FlushTimeout):
+                lg.wait_durable(seq, 0.5)
+            failing = lg.stats()
+            assert failing.durable == 0 and failing.dropped == {} and failing.retries > 0
+        finally:
+            segments.unlink()
+            (tmp_path / "moved").rename(segments)
+        lg.wait_durable(seq, 30)
+        lg.flush(30)
+    finally:
+        lg.close()
+    counts = id_counts(read_facts(local_store))
+    assert len(counts) == 100 and max(counts.values()) == 1
