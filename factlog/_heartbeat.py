@@ -19,10 +19,11 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ttstore import Store, StoreError, format_timestamp, key
+from ttstore import ObjectNotFound, Store, format_timestamp, key
 
 HEARTBEATS_PREFIX = "catalog/heartbeats"
 #: A heartbeat older than this (seconds) means the producer is not live.
@@ -83,15 +84,29 @@ def publish(store: Store, hb: Heartbeat) -> None:
     store.put(heartbeat_key(hb.writer_id), json.dumps(hb.to_json(), indent=1).encode())
 
 
+def _read_one(store: Store, k: str) -> Heartbeat | None:
+    try:
+        return Heartbeat.from_json(json.loads(store.get(k)))
+    except ObjectNotFound:
+        return None  # deleted since the listing
+    except (ValueError, KeyError, TypeError) as exc:
+        _log.warning("skipping unreadable heartbeat %s: %s", k, exc)
+        return None
+
+
 def read_heartbeats(store: Store) -> list[Heartbeat]:
-    """Every readable heartbeat in the store (malformed ones are skipped with a warning)."""
-    out: list[Heartbeat] = []
-    for k in store.iter_keys(HEARTBEATS_PREFIX + "/", ".json"):
-        try:
-            out.append(Heartbeat.from_json(json.loads(store.get(k))))
-        except (StoreError, ValueError, KeyError, TypeError) as exc:
-            _log.warning("skipping unreadable heartbeat %s: %s", k, exc)
-    return out
+    """Every readable heartbeat in the store (malformed ones are skipped with a warning).
+
+    Raises:
+        StoreError: the store could not be listed or read.
+    """
+    keys = list(store.iter_keys(HEARTBEATS_PREFIX + "/", ".json"))
+    if len(keys) <= 4:
+        got = [_read_one(store, k) for k in keys]
+    else:  # one round trip each: overlap them
+        with ThreadPoolExecutor(max_workers=min(16, len(keys))) as pool:
+            got = list(pool.map(lambda k: _read_one(store, k), keys))
+    return [hb for hb in got if hb is not None]
 
 
 def watermarks_from(

@@ -366,3 +366,27 @@ def test_segments_rotate_by_size(local_store: Store, tmp_path: Path) -> None:
     assert len(fact_keys(local_store)) > 3
     got = read_facts(local_store)
     assert sorted(got.column("member_id").to_pylist()) == list(range(50))
+
+
+def test_producer_watermarks_minimum_over_live_producers(local_store: Store) -> None:
+    from factlog import Heartbeat
+    from factlog._heartbeat import publish
+
+    now = T0 + DAY
+
+    def hb(wid: str, types: tuple[str, ...], wm: int, age_s: float, closed: bool = False) -> None:
+        publish(local_store, Heartbeat(
+            writer_id=wid, producer="p", fact_types=types, watermark_us=wm,
+            updated_at_us=now - int(age_s * 1e6), started_at_us=T0, closed=closed))
+
+    hb("a" * 32, ("play", "page"), now - 50, 1)
+    hb("b" * 32, ("play",), now - 80, 2)
+    hb("c" * 32, ("play",), now - 999_000_000, 3, closed=True)  # closed: not live
+    hb("d" * 32, ("page",), now - 999_000_000, 120)  # stale: not live
+    hb("e" * 32, ("search",), now - 999_000_000, 120)  # only a stale producer
+    hb("f" * 32, ("page",), now - 20, 0)
+    local_store.put("catalog/heartbeats/broken.json", b"{not json")
+    assert producer_watermarks(local_store, now_us=now, live_ttl_s=30) == {
+        "play": now - 80, "page": now - 50, "search": None}
+    assert producer_watermarks(local_store.url, now_us=now, live_ttl_s=300) == {
+        "play": now - 80, "page": now - 999_000_000, "search": now - 999_000_000}
