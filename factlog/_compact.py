@@ -23,6 +23,7 @@ over a partition's files is the minimum over the minima of any grouping of them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ from ttstore import (
 from ._dedup import dedup_table
 from ._facttypes import FactTypeCatalog
 from ._ids import uuid7_array
-from ._parquetio import read_files
+from ._parquetio import FooterCache, read_files, undeclared_columns
 from ._partitions import (
     CompactionRecord,
     FactFile,
@@ -60,6 +61,7 @@ from ._partitions import (
 from ._reader import sort_facts
 
 DEFAULT_GRACE_US = 3600 * US_PER_S
+_log = logging.getLogger(__name__)
 _ATTEMPTS = 5
 _INT_JSON_EXACT = 2**53
 
@@ -104,7 +106,8 @@ class PartitionCompaction:
 
     ``status``: ``committed``; ``would_compact`` (dry run); ``skipped`` (fewer than
     ``min_files`` live files); ``lost_race`` (another compactor committed first and left too
-    little to do).
+    little to do); ``schema_mismatch`` (a file has columns no declared version has: left as
+    is, since rewriting would drop them).
     """
 
     fact_type: str
@@ -172,6 +175,7 @@ class Compactor:
         self.clock = clock or SystemClock()
         self.config = config or CompactionConfig()
         self._records = RecordCache()
+        self._footers = FooterCache()
 
     def run(
         self, *, fact_types: Sequence[str] | None = None, dates: Sequence[str] | None = None,
@@ -219,9 +223,6 @@ class Compactor:
                 orphan cleanup.
         """
         version, ft = self.catalog.get_versioned(fact_type, refresh=True)
-        schema = ft.arrow_schema().remove_metadata()
-        fields = list(ft.fields)
-        json_fields = [f for f, t in ft.fields.items() if t == "json"]
         for attempt in range(_ATTEMPTS):
             part = read_partition(self.store, fact_type, date, cache=self._records)
             if len(part.live) < self.config.min_files:
@@ -229,9 +230,24 @@ class Compactor:
                                            files_in=len(part.live))
             started_us = self.clock.now_us()
             try:
-                table = read_files(self.store, part.live, schema)
+                extra = undeclared_columns(self.store, part.live, ft.arrow_schema(),
+                                           cache=self._footers)
+                if extra:  # written under a version declared since we looked: look again
+                    version, ft = self.catalog.get_versioned(fact_type, refresh=True)
+                    extra = undeclared_columns(self.store, part.live, ft.arrow_schema(),
+                                               cache=self._footers)
+                if extra:
+                    # Rewriting would drop columns no declaration knows: leave the files be.
+                    _log.warning("fact type %r, date %s: not compacted, files have undeclared "
+                                 "columns %s", fact_type, date, extra)
+                    return PartitionCompaction(fact_type, date, "schema_mismatch",
+                                               files_in=len(part.live))
+                schema = ft.arrow_schema().remove_metadata()
+                table = read_files(self.store, part.live, schema, cache=self._footers)
             except FileNotFoundError:
                 continue  # a concurrent compaction's grace deletion; look again
+            fields = list(ft.fields)
+            json_fields = [f for f, t in ft.fields.items() if t == "json"]
             res = dedup_table(table, entity=ft.entity_name, fields=fields,
                               json_fields=json_fields)
             out = sort_facts(res.table, ft.entity_name)

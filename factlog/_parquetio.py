@@ -133,6 +133,30 @@ def read_files(
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if "NoSuchKey" in str(exc) or "does not exist" in str(exc) or "Not Found" in str(exc):
-            raise FileNotFoundError(str(exc)) from exc
-        raise StoreUnavailable(f"store unavailable while reading facts: {exc}") from exc
+        raise _translate(exc) from exc
+
+
+def undeclared_columns(
+    store: Store, files: Sequence[FactFile], schema: pa.Schema, *,
+    cache: FooterCache | None = None,
+) -> list[str]:
+    """Columns some of ``files`` have that ``schema`` lacks (from their footers)."""
+    fs, root = store.arrow_filesystem()
+    cache = cache or FooterCache()
+    known = set(schema.names)
+    extra: set[str] = set()
+    try:
+        for f in files:
+            footer = cache.get(fs, f"{root}/{f.key}", f.key, schema.names[1])
+            extra.update(n for n in footer.fragment.physical_schema.names if n not in known)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _translate(exc) from exc
+    return sorted(extra)
+
+
+def _translate(exc: OSError) -> Exception:
+    if "NoSuchKey" in str(exc) or "does not exist" in str(exc) or "Not Found" in str(exc):
+        return FileNotFoundError(str(exc))
+    return StoreUnavailable(f"store unavailable while reading facts: {exc}")

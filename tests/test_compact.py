@@ -19,6 +19,7 @@ from factlog import (
     CompactionConfig,
     Compactor,
     FactReader,
+    FactType,
     FactTypeCatalog,
 )
 from factlog._parquetio import read_files
@@ -297,3 +298,24 @@ def test_rounds_of_writes_and_compactions_never_change_answers(seed, rounds, gra
             compactor.run()
             assert _answers(reader) == before
             clock.advance(MIN)
+
+
+def test_files_with_undeclared_columns_are_never_rewritten(store: Store) -> None:
+    reader, compactor, clock = _setup(store, files=2)
+    rows = [{"member_id": 9, "fact_id": f"extra{i}", "event_time": T0 + i, "logged_at": T0 + i}
+            for i in range(3)]
+    k = write_facts(store, PLAY, rows, writer="tmp", segment=1)[0]
+    table = store.read_parquet(k)
+    store.write_parquet(k.replace("tmp-", "new-"), table.append_column("zzz", pa.array([1, 2, 3])))
+    store.delete(k)
+    answer = reader.scan("play")
+    res = compactor.compact_partition("play", "2027-01-01")
+    assert res.status == "schema_mismatch"
+    assert read_partition(store, "play", "2027-01-01").records == []
+    assert reader.scan("play").equals(answer)
+    # Once a version declares the column, compaction keeps it.
+    FactTypeCatalog(store).declare(FactType(PLAY.name, entity=PLAY.entity,
+                                            fields={**PLAY.fields, "zzz": "int64"}))
+    assert compactor.compact_partition("play", "2027-01-01").status == "committed"
+    got = FactReader(store).scan("play", entities=[9], columns=["fact_id", "zzz"])
+    assert got.to_pydict() == {"fact_id": ["extra0", "extra1", "extra2"], "zzz": [1, 2, 3]}
