@@ -43,7 +43,7 @@ def seed_keys(seed: int) -> tuple[np.uint64, np.uint64]:
             np.uint64(int.from_bytes(digest[8:], "little")))
 
 
-def _mix(z: U64) -> U64:
+def mix64(z: U64) -> U64:
     """SplitMix64's finalizer, in place (uint64 arithmetic wraps, as intended)."""
     z ^= z >> _S30
     z *= _M1
@@ -73,9 +73,9 @@ def entity_hash(keys: pa.Array | pa.ChunkedArray, seed: int) -> U64:
         x = keys.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64, copy=True)
         z = x.view(np.uint64)
         z ^= k0
-        _mix(z)
+        mix64(z)
         z += k1
-        return _mix(z)
+        return mix64(z)
     if pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type):
         return _hash_strings(keys.cast(pa.large_string()), k0, k1)
     raise TypeError(f"cannot hash entity keys of type {keys.type}")
@@ -93,19 +93,25 @@ def _hash_strings(arr: pa.Array, k0: np.uint64, k1: np.uint64) -> U64:
     # One unaligned little-endian uint64 view at every byte offset: word j of row i is
     # words[start_i + 8j], masked to the bytes that belong to the row.
     words = np.ndarray(shape=(padded.size - 7,), dtype="<u8", buffer=padded, strides=(1,))
-    h = _mix(lengths.astype(np.uint64))
+    h = mix64(lengths.astype(np.uint64))
     h ^= k0
-    idx = np.arange(n)
+    idx: npt.NDArray[np.intp] | None = None  # rows still being folded; None: all of them
     j = 0
-    while idx.size:
-        rem = lengths[idx] - 8 * j
+    while True:
+        rem = (lengths if idx is None else lengths[idx]) - 8 * j
         live = rem > 0
         if not live.all():
-            idx, rem = idx[live], rem[live]
-            if not idx.size:
-                break
-        w = words[starts[idx] + 8 * j] & _BYTE_MASKS[np.minimum(rem, 8)]
-        h[idx] = _mix(h[idx] ^ w)
+            idx = np.flatnonzero(live) if idx is None else idx[live]
+            rem = rem[live]
+        if rem.size == 0:
+            break
+        at = (starts if idx is None else starts[idx]) + 8 * j
+        w = words[at] & _BYTE_MASKS[np.minimum(rem, 8)]
+        if idx is None:  # every row still has bytes: fold in place, no gather or scatter
+            h ^= w
+            mix64(h)
+        else:
+            h[idx] = mix64(h[idx] ^ w)
         j += 1
     h += k1
-    return _mix(h)
+    return mix64(h)

@@ -27,11 +27,12 @@ from ttstore import TIMESTAMP_TYPE, to_datetime
 from ._allocate import allocate
 from ._design import CONTEXT_COLUMNS, ContextSet, SelectionDesign, StratumDesign, context_schema
 from ._errors import PopulationError
-from ._hashing import entity_hash
+from ._hashing import entity_hash, mix64
 
 NO_STRATA_NAME = "all"
 NULL_VALUE_NAME = "<null>"
-_DENSE_CODE_LIMIT = 1 << 24  # mixed-radix strata codes up to this are counted with bincount
+_DENSE_CODE_LIMIT = 1 << 24
+_U64_MAX = (1 << 64) - 1  # mixed-radix strata codes up to this are counted with bincount
 
 
 def selection_time_name(selected_at_us: int) -> str:
@@ -94,19 +95,9 @@ def select_contexts(
     sample_sizes = alloc.sample_sizes
 
     hashes = entity_hash(keys, seed)
-    by_hash = np.argsort(hashes)
-    _check_unique(keys, hashes, by_hash, entity)
-    code_dtype = np.uint16 if len(names) <= 1 << 16 else np.int64  # uint16 sorts by radix
-    order = by_hash[np.argsort(codes[by_hash].astype(code_dtype), kind="stable")]
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    # the first n_h positions of each stratum's run in ``order`` (its n_h smallest hashes)
-    sample_starts = np.cumsum(sample_sizes) - sample_sizes
-    within = np.arange(int(sample_sizes.sum()), dtype=np.int64) - np.repeat(sample_starts,
-                                                                             sample_sizes)
-    chosen = order[np.repeat(starts, sample_sizes) + within]
+    _check_unique(keys, hashes, entity)
+    chosen = _smallest_per_stratum(hashes, codes, sizes, sample_sizes)
     chosen = chosen[pc.sort_indices(keys.take(pa.array(chosen))).to_numpy()]
-
-    stratum_hash_sums = np.add.reduceat(hashes[order], starts)
     details = tuple(
         StratumDesign(
             name=names[h], values=values[h], population_size=int(sizes[h]),
@@ -116,11 +107,7 @@ def select_contexts(
         )
         for h in range(len(names))
     )
-    fingerprint = hashlib.blake2b(
-        json.dumps([[names[h], int(sizes[h]), int(stratum_hash_sums[h])]
-                    for h in range(len(names))]).encode(),
-        digest_size=16,
-    ).hexdigest()
+    fingerprint = _fingerprint(hashes, codes, names, sizes)
     design = SelectionDesign(
         selection_id="", selected_at_us=selected_at_us, entity=entity,
         entity_type="int64" if pa.types.is_integer(keys.type) else "string",
@@ -189,22 +176,77 @@ def _check_columns(
     del allocation
 
 
-def _check_unique(
-    keys: pa.Array, hashes: npt.NDArray[np.uint64], by_hash: npt.NDArray[np.intp], entity: str
-) -> None:
-    sorted_hashes = hashes[by_hash]
-    same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
-    if same.size == 0:
+def _check_unique(keys: pa.Array, hashes: npt.NDArray[np.uint64], entity: str) -> None:
+    """Duplicate keys have equal hashes; only rows whose hash repeats are compared as keys."""
+    ordered = np.sort(hashes)  # a vectorized sort of values, far cheaper than an argsort
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.size == 0:
         return
-    left = keys.take(pa.array(by_hash[same]))
-    right = keys.take(pa.array(by_hash[same + 1]))
-    dup = pc.equal(left, right)
-    if pc.any(dup).as_py():
-        first = left.filter(dup)
+    suspects = keys.take(pa.array(np.flatnonzero(np.isin(hashes, repeated))))
+    counts = pc.value_counts(suspects)
+    dups = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dups):
         raise PopulationError(
-            f"entity column {entity!r} has duplicate keys ({len(first)}), e.g. "
-            f"{first[0].as_py()!r}; a population has one row per member", field=entity,
+            f"entity column {entity!r} has duplicate keys ({len(dups)}), e.g. "
+            f"{dups[0].as_py()!r}; a population has one row per member", field=entity,
         )
+
+
+def _smallest_per_stratum(
+    hashes: npt.NDArray[np.uint64], codes: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64], sample_sizes: npt.NDArray[np.int64],
+) -> npt.NDArray[np.intp]:
+    """Row indices of the ``n_h`` smallest hashes of each stratum, exactly.
+
+    Hashes are uniform, so the ``n_h``-th smallest of a stratum sits near ``n_h/N_h`` of the hash
+    range. A first vectorized pass keeps the rows below a threshold a few standard deviations
+    above that, so only about ``n`` candidates are sorted rather than ``N``; a stratum left with
+    fewer than ``n_h`` candidates (a rare tail event) has its threshold raised and the pass
+    repeats. The result is the same as sorting every stratum in full.
+    """
+    share = (sample_sizes + 4.0 * np.sqrt(sample_sizes) + 8.0) / sizes
+    while True:
+        thresholds = np.array(
+            [_U64_MAX if f >= 1.0 else min(int(f * 2.0**64), _U64_MAX) for f in share.tolist()],
+            dtype=np.uint64,
+        )
+        mask = hashes <= thresholds[codes]
+        counts = np.bincount(codes[mask], minlength=sizes.size).astype(np.int64)
+        short = counts < sample_sizes
+        if not short.any():
+            break
+        share = np.where(short, share * 2.0, share)
+    candidates = np.flatnonzero(mask)
+    cand_codes = codes[candidates]
+    # stable: equal hashes of distinct keys (about 2^-64 per pair) keep row order
+    by_hash = np.argsort(hashes[candidates], kind="stable")
+    code_dtype = np.uint16 if sizes.size <= 1 << 16 else np.int64  # uint16 sorts by radix
+    order = by_hash[np.argsort(cand_codes[by_hash].astype(code_dtype), kind="stable")]
+    starts = np.cumsum(counts) - counts
+    sample_starts = np.cumsum(sample_sizes) - sample_sizes
+    within = np.arange(int(sample_sizes.sum()), dtype=np.int64) - np.repeat(sample_starts,
+                                                                             sample_sizes)
+    return candidates[order[np.repeat(starts, sample_sizes) + within]]
+
+
+def _fingerprint(
+    hashes: npt.NDArray[np.uint64], codes: npt.NDArray[np.int64], names: list[str],
+    sizes: npt.NDArray[np.int64],
+) -> str:
+    """A digest of who is in which stratum, independent of row order.
+
+    The wrapping sum of ``mix(hash XOR salt(stratum))`` over members changes when a member joins,
+    leaves or moves between strata; the names and sizes are digested alongside.
+    """
+    salts = np.array(
+        [int.from_bytes(hashlib.blake2b(nm.encode(), digest_size=8).digest(), "little")
+         for nm in names], dtype=np.uint64,
+    )
+    mixed = mix64(hashes ^ salts[codes])
+    total = int(mixed.sum(dtype=np.uint64))  # wraps modulo 2^64, as intended
+    return hashlib.blake2b(
+        json.dumps([names, sizes.tolist(), total]).encode(), digest_size=16
+    ).hexdigest()
 
 
 def _stratify(
@@ -232,7 +274,8 @@ def _stratify(
         if float(np.prod(radices, dtype=np.float64)) * radix >= 2.0**62:
             # Mixed-radix codes must stay exact in int64; no real design has this many strata.
             raise PopulationError("too many combinations of strata values", field="strata")
-        combined = combined * radix + rank[enc.indices.to_numpy(zero_copy_only=False)]
+        combined *= radix
+        combined += rank[enc.indices.to_numpy(zero_copy_only=False)]
         radices.append(radix)
     space = int(np.prod(radices, dtype=np.float64))
     if space <= max(_DENSE_CODE_LIMIT, 2 * total):

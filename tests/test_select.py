@@ -40,6 +40,7 @@ from snapshotter import (
     select_contexts,
 )
 from snapshotter._hashing import seed_keys
+from snapshotter._select import _smallest_per_stratum
 from snapshotter._selections import CONTEXTS_NAME, DESIGN_NAME, REPORT_NAME, selection_key
 from ttstore import ObjectNotFound, Store, parse_timestamp
 from ttstore._cli import main
@@ -250,6 +251,22 @@ def test_hash_matches_pure_python_reference() -> None:
     chunked = pa.chunked_array([pa.array(strs[:3]), pa.array(["zz"] + strs[3:]).slice(1)])
     assert entity_hash(chunked, 3).tolist() == [ref_hash(v, 3) for v in strs]
     assert entity_hash(pa.array(ints), 4).tolist() != entity_hash(pa.array(ints), 3).tolist()
+
+
+def test_candidate_threshold_retries_until_exact() -> None:
+    # Hashes crowded at the top of the range defeat the first-pass threshold (which assumes
+    # uniform hashes): the pass must widen until each stratum has its n_h, and stay exact.
+    rng = np.random.default_rng(5)
+    hashes = (np.uint64((1 << 64) - 1) - rng.integers(0, 1 << 20, 3000).astype(np.uint64))
+    codes = np.repeat(np.arange(3, dtype=np.int64), [1000, 1500, 500])
+    sizes = np.array([1000, 1500, 500], dtype=np.int64)
+    n_h = np.array([10, 40, 5], dtype=np.int64)
+    got = _smallest_per_stratum(hashes, codes, sizes, n_h)
+    expected: set[int] = set()
+    for h in range(3):
+        rows = np.flatnonzero(codes == h)
+        expected |= set(rows[np.argsort(hashes[rows], kind="stable")[: n_h[h]]].tolist())
+    assert len(got) == n_h.sum() and set(got.tolist()) == expected
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
