@@ -1,10 +1,12 @@
 """Reading facts back: the scan the time-travel engine is built on.
 
 A scan lists the live files of the partitions (UTC dates of ``event_time``) its time range
-touches, reads them with ``pyarrow.dataset`` (row groups pruned by the entity filter, pushed down
-to the Parquet statistics; compacted files are sorted by entity, so the pruning bites), keeps the
-counting copy of every fact (SPEC §3, see ``_dedup``), then applies the ``event_time`` and
-``logged_at`` bounds, and returns Arrow sorted by (entity, event_time, logged_at, fact_id).
+touches, reads them with ``pyarrow.dataset`` (footers cached, row groups chosen by their entity
+statistics; compacted files are sorted by entity, so that pruning bites: see ``_parquetio``),
+keeps the counting copy of every fact (SPEC §3, see ``_dedup``), then applies the ``event_time``
+and ``logged_at`` bounds and sorts by (entity, event_time, logged_at, fact_id), with one ``take``
+at the end. No Python loop runs per fact, except for the canonical JSON of copies whose smallest
+``logged_at`` ties.
 
 The time bounds are applied *after* deduplication: which copy of a fact counts is decided over all
 copies the scan read, so an answer never depends on the query time or on compaction.

@@ -319,3 +319,27 @@ def test_files_with_undeclared_columns_are_never_rewritten(store: Store) -> None
     assert compactor.compact_partition("play", "2027-01-01").status == "committed"
     got = FactReader(store).scan("play", entities=[9], columns=["fact_id", "zzz"])
     assert got.to_pydict() == {"fact_id": ["extra0", "extra1", "extra2"], "zzz": [1, 2, 3]}
+
+
+def test_string_keys_pruned_by_row_group_after_compaction(store: Store) -> None:
+    from tests.factdata import PAGE
+
+    cat = FactTypeCatalog(store)
+    cat.declare(PAGE)
+    users = ["007", "7", "a", "b", "ba", "é", "z"]
+    for seg in range(2):
+        write_facts(store, PAGE, [{"user": u, "fact_id": f"u{users.index(u)}-{seg}-{i}",
+                                   "event_time": T0 + i,
+                                   "path": "/", "n": i} for u in users for i in range(3)],
+                    writer="w", segment=seg)
+    reader = FactReader(store, catalog=cat)
+    before = {u: reader.scan("page", entities=[u]) for u in users}
+    pair = reader.scan("page", entities=["b", "007"])
+    Compactor(store, catalog=cat, clock=ManualClock(NOW),
+              config=CompactionConfig(row_group_rows=2)).run()
+    assert [f.kind for f in reader.live_files("page")] == ["compacted"]
+    for u in users:
+        got = reader.scan("page", entities=[u])
+        assert got.num_rows == 6 and got.equals(before[u])
+    assert reader.scan("page", entities=["b", "007"]).equals(pair)
+    assert reader.scan("page", entities=["c", "0"]).num_rows == 0
