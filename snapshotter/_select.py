@@ -13,6 +13,7 @@ the new ``n_h`` (the stratum shrank its sample, or members with smaller hashes j
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -83,8 +84,10 @@ def select_contexts(
         SelectionError: a design that cannot be honoured (see :func:`allocate`).
     """
     strata = tuple(strata)
+    if allocation != "neyman":
+        variability_col = None  # recorded in the design only when it drives the allocation
     keys = _entity_keys(population, entity)
-    _check_columns(population, entity, strata, allocation, variability_col)
+    _check_columns(population, entity, strata, variability_col)
     total = population.num_rows
     codes, names, values = _stratify(population, strata)
     sizes = np.bincount(codes, minlength=len(names)).astype(np.int64)
@@ -123,7 +126,7 @@ def select_contexts(
         json.dumps(body, sort_keys=True).encode(), digest_size=6
     ).hexdigest()
     selection_id = f"sel-{selection_time_name(selected_at_us)}-{digest}"
-    design = SelectionDesign(**{**design.__dict__, "selection_id": selection_id})
+    design = dataclasses.replace(design, selection_id=selection_id)
     table = _context_table(population, keys, strata, codes, names, sizes, sample_sizes, chosen,
                            selection_id, selected_at_us)
     return ContextSet(table=table, design=design)
@@ -136,12 +139,14 @@ def _entity_keys(population: pa.Table, entity: str) -> pa.Array:
         raise PopulationError("the population is empty", field=entity)
     col = population[entity]
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
     if pa.types.is_integer(arr.type):
         try:
             arr = arr.cast(pa.int64())
         except pa.ArrowInvalid as exc:  # uint64 beyond int64
             raise PopulationError(f"entity keys do not fit int64: {exc}", field=entity) from exc
-    elif pa.types.is_large_string(arr.type) or pa.types.is_dictionary(arr.type):
+    elif pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
     if not (pa.types.is_int64(arr.type) or pa.types.is_string(arr.type)):
         raise PopulationError(
@@ -156,8 +161,7 @@ def _entity_keys(population: pa.Table, entity: str) -> pa.Array:
 
 
 def _check_columns(
-    population: pa.Table, entity: str, strata: tuple[str, ...], allocation: str,
-    variability_col: str | None,
+    population: pa.Table, entity: str, strata: tuple[str, ...], variability_col: str | None
 ) -> None:
     for col in strata:
         if col not in population.column_names:
@@ -173,7 +177,6 @@ def _check_columns(
         raise PopulationError(
             f"the population has no variability column {variability_col!r}", field=variability_col
         )
-    del allocation
 
 
 def _check_unique(keys: pa.Array, hashes: npt.NDArray[np.uint64], entity: str) -> None:

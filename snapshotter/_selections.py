@@ -18,6 +18,7 @@ the selection time is read from the key without opening anything.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 
@@ -40,6 +41,7 @@ SELECTIONS_PREFIX = "snapshots/selections"
 CONTEXTS_NAME = "contexts.parquet"
 DESIGN_NAME = "selection.json"
 REPORT_NAME = "report.png"
+log = logging.getLogger("snapshotter.selections")
 _SELECTION_ID = re.compile(r"sel-(\d{8}T\d{6}(?:\.\d{6})?Z)-[0-9a-f]{12}")
 
 
@@ -117,6 +119,7 @@ def save_selection(
             mine.pop(volatile, None)
         if existing != mine:
             raise _conflict(sid) from None
+        log.info("selection %s was already committed; nothing to do", sid)
     return sid
 
 

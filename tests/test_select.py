@@ -355,6 +355,19 @@ def test_bad_keys_are_rejected() -> None:
         select_contexts(pa.table({"id": [1]}), n=1, selected_at_us=T0)
 
 
+def test_key_encodings_normalize_to_declared_types() -> None:
+    keys = ["b", "a", "c", "a2"]
+    plain = select_contexts(pa.table({"entity_id": keys}), n=2, selected_at_us=T0, seed=4)
+    for arr in (pa.array(keys).dictionary_encode(), pa.array(keys, pa.large_string())):
+        other = select_contexts(pa.table({"entity_id": arr}), n=2, selected_at_us=T0, seed=4)
+        assert other.table.schema.field("entity_id").type == pa.string()
+        assert other.table.equals(plain.table)
+    small = select_contexts(pa.table({"entity_id": pa.array([3, 1, 2], pa.int16())}), n=2,
+                            selected_at_us=T0)
+    assert small.table.schema.field("entity_id").type == pa.int64()
+    assert small.design.entity_type == "int64"
+
+
 def test_same_inputs_same_id_and_sample() -> None:
     pop = population(500)
     a = select_contexts(pop, n=50, selected_at_us=T0, entity="member_id", strata=["region"])
