@@ -75,8 +75,8 @@ def select_contexts(
     Returns:
         The context set. Its ``selection_id`` is ``sel-<selected_at>-<digest>``, the digest
         (BLAKE2b, 12 hex digits) covering the design, the seed and a fingerprint of the population
-        (per stratum: size and the wrapping sum of member hashes), so the same inputs at the same
-        ``selected_at`` give the same id, and saving it again is a no-op.
+        (strata sizes and an order-free digest of who is in which stratum), so the same inputs at
+        the same ``selected_at`` give the same id, and saving it again is a no-op.
 
     Raises:
         PopulationError: a missing column, null or duplicate keys, an unsupported key or
