@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from ttstore import Clock, ObjectExists, ObjectNotFound, Store, format_timestamp
 
 from ._commit import cleanup_staging, commit_part, commit_run, committed_parts
-from ._errors import InvalidRunOption, RunAlreadyCommitted, RunConflict
+from ._errors import InvalidRunOption, RunAlreadyCommitted, RunConflict, SelectionNotFound
 from ._manifest import (
     RunManifest,
     RunPlan,
@@ -324,17 +324,26 @@ def _as_key_type(entities: pa.Array, config: Any, service: str) -> pa.Array:
 
 
 def _selection_table(store: Store, selection_id: str) -> pa.Table:
-    """The selection's ``entity_id`` and ``weight`` columns."""
-    from ._selections import load_selection
+    """The selection's ``entity_id`` and ``weight`` columns, and only those: the other columns
+    of a large context set (strata as strings) would double the run's peak memory."""
+    from ._selections import CONTEXTS_NAME, load_design, selection_key
 
-    sel = load_selection(store, selection_id)
-    table: pa.Table = getattr(sel, "table", sel)
-    return table.select(["entity_id", "weight"])
+    load_design(store, selection_id)  # raises SelectionNotFound for an uncommitted set
+    return store.read_parquet(
+        selection_key(selection_id, CONTEXTS_NAME), columns=["entity_id", "weight"]
+    )
 
 
 def _latest_selection_id(store: Store, now_us: int) -> str:
-    from ._selections import latest_selection
+    """The id of the latest context set not after ``now_us`` (as ``latest_selection`` picks it:
+    greatest ``selected_at``, then committed last, then greatest id), from the designs alone."""
+    from ._selections import list_selections
 
-    sel = latest_selection(store, now_us)
-    sid = getattr(sel, "selection_id", sel)
-    return str(sid)
+    designs = [d for d in list_selections(store) if d.selected_at_us <= now_us]
+    if not designs:
+        raise SelectionNotFound(
+            f"no context set was selected at or before {format_timestamp(now_us)}; "
+            "run `timetravel snapshot select` first"
+        )
+    best = max(designs, key=lambda d: (d.selected_at_us, d.committed_at_us or -1, d.selection_id))
+    return best.selection_id
