@@ -9,6 +9,10 @@ Hierarchy::
         ├── PopulationError              a population that cannot be read or lacks a column (400)
         ├── SelectionNotFound            no context set with that id, or none selected by now (404)
         ├── InvalidRunOption             a bad --shard, --every, --cron or chunk size (400)
+        ├── ServiceConfigError           a services TOML or ServiceConfig that cannot be used:
+        │                                unknown key, bad name or value, a ``${VAR}`` not set
+        │                                (400; code ``invalid_services_config`` or
+        │                                ``missing_env_var``)
         ├── RunConflict                  a slot's pinned plan (selection, shards, services)
         │                                disagrees with this invocation (409)
         ├── RunAlreadyCommitted          the conditional put refused a second commit of a slot (409)
@@ -104,3 +108,27 @@ class SelectionConflict(SnapshotterError):
 
     code = "selection_conflict"
     http_status = 409
+
+
+class ServiceConfigError(SnapshotterError, ValueError):
+    """A services config (TOML or :class:`ServiceConfig`) that cannot be used.
+
+    Attributes:
+        service: the service at fault, when known.
+        field: the key at fault (``max_qps``, ``headers.Authorization``, ...), when known.
+    """
+
+    code = "invalid_services_config"
+    http_status = 400
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        field: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.service = service
+        self.field = field
