@@ -6,8 +6,12 @@ Hierarchy::
     └── TimetravelApiError           root of timetravel_api's errors
         ├── InvalidFeature           malformed, unknown or type-invalid feature names; the
         │                            message lists every bad name with its reason (400)
-        └── EntityTypeMismatch       the features of one request (or the query entities) do not
-                                     share one entity key type; lists the features (400)
+        ├── EntityTypeMismatch       the features of one request (or the query entities) do not
+        │                            share one entity key type; lists the features (400)
+        ├── RepoError                the feature repo cannot be loaded: not found, a syntax or
+        │                            import error (file:line), duplicate or clashing names (400)
+        └── EncoderDefinitionError   an encoder's declaration is invalid: name, inputs, output
+                                     type, or inputs of different entity key types (400)
 
 ``InvalidFeature`` and ``EntityTypeMismatch`` are also :class:`ttstore.InvalidInput`, so code that
 maps every "the caller gave something malformed" error to a 400 catches them too.
@@ -65,3 +69,18 @@ class EntityTypeMismatch(TimetravelApiError, InvalidInput):
                 f"{etype}: {', '.join(names)}" for etype, names in self.by_type.items()
             )
         InvalidInput.__init__(self, message, field="features")
+
+
+class RepoError(TimetravelApiError):
+    """The feature repo cannot be loaded (codes ``repo_not_found``, ``repo_syntax_error``,
+    ``repo_import_error``, ``repo_duplicate_name``, ``repo_invalid``)."""
+
+    code = "repo_error"
+    http_status = 400
+
+
+class EncoderDefinitionError(TimetravelApiError):
+    """An encoder's declaration is invalid (code ``invalid_encoder``)."""
+
+    code = "invalid_encoder"
+    http_status = 400
