@@ -1,0 +1,364 @@
+"""The point-in-time join, store → Arrow table, against DuckDB and pandas on the same files.
+
+    .venv/bin/python -m bench.pit_bench [--quick] [--profile]
+
+Data (``bench/_pitdata.py``): 10M facts of one fact type over 100k entities and 30 days in a
+local store, ~5% logged late (1 h to 3 days after their event), tied event times, null values
+and 1% retried copies (some conflicting), written as raw objects and compacted; 1M label rows
+(entity, ``at``) over the last 20 days. ``--quick``: 1M facts, 10k entities, 100k labels.
+
+Features ``t.value.last``, ``t.value.sum.7d`` and ``t.count.1d`` in ``as_known`` mode. Each
+contender runs in its own child process (so peak RSS is its own) on the same store:
+
+- **ours**: ``timetravel_api.build_training_set`` (or, until the engine exists, the reader
+  ``FactReader.scan`` plus the kernel ``fact_feature_columns``), store to Arrow table;
+- **DuckDB** on the same live Parquet files, computing the same answers exactly (``_DUCK_SQL``):
+  dedup by (entity, fact_id) keeping the smallest ``logged_at``; an ASOF join for the
+  event-mode candidate of the last non-null value, then a recomputation, by a range join, of only
+  the labels whose candidate was logged after ``at`` or shares its event time with another fact;
+  one range join for both windows;
+- **pandas** ``merge_asof`` for the last value in *event* mode (it cannot express ``as_known``),
+  checked against our event mode.
+
+Every row of DuckDB's answer is compared with ours: last value and count exactly (nulls
+included), sums within 1e-9 relative + 1e-6 absolute (both add the same floats in different
+orders). The mismatch count is a figure and must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ._pitdata import FEATURES, PitData, generate_facts, generate_labels
+from ._support import peak_rss_mb
+from ._types import Result, ratio_at_least
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY_US = 86_400_000_000
+
+
+# --- the contenders (each runs in a child process) ------------------------------------------
+
+
+def _labels_at(labels: pa.Table) -> np.ndarray:
+    at: np.ndarray = labels.column("at").cast(pa.int64()).to_numpy()
+    return at
+
+
+def ours(store_dir: str, labels: pa.Table, knowledge: str = "as_known") -> pa.Table:
+    """Our engine, store → Arrow table: the labels, then one column per feature."""
+    from ttstore import Store  # noqa: PLC0415
+
+    store = Store(store_dir)
+    try:
+        from timetravel_api import build_training_set  # type: ignore[attr-defined]  # noqa: PLC0415
+    except ImportError:
+        build_training_set = None
+    if build_training_set is not None:
+        out: pa.Table = build_training_set(labels, FEATURES, store=store, knowledge=knowledge)
+        return out.select(["member_id", "at", *FEATURES])
+    return _ours_interim(store, labels, knowledge)
+
+
+def _ours_interim(store: Any, labels: pa.Table, knowledge: str) -> pa.Table:
+    """Until the engine lands: the reader's scan of the needed range, then the kernel."""
+    from factlog import FactReader  # noqa: PLC0415
+    from timetravel_api._features import parse_features  # noqa: PLC0415
+    from timetravel_api._kernels import fact_feature_columns  # noqa: PLC0415
+
+    at = _labels_at(labels)
+    reader = FactReader(store)
+    newest = int(at.max())
+    facts = reader.scan(
+        "t", end_us=newest, logged_before_us=newest if knowledge == "as_known" else None,
+        columns=["member_id", "event_time", "logged_at", "value"],
+    )
+    specs = parse_features(FEATURES, fact_types={"t": reader.fact_type("t")})
+    cols = fact_feature_columns(facts, specs, labels.column("member_id"), at,
+                                knowledge=knowledge,  # type: ignore[arg-type]
+                                lookback_us=None, entity_col="member_id")
+    out = labels.select(["member_id", "at"])
+    for name in FEATURES:
+        out = out.append_column(name, cols[name].values)
+    return out
+
+
+_DUCK_SQL = """
+CREATE TEMP TABLE f AS
+SELECT member_id, epoch_us(event_time) AS ev, epoch_us(logged_at) AS la, fact_id, value
+FROM read_parquet($files)
+QUALIFY row_number() OVER (PARTITION BY member_id, fact_id ORDER BY logged_at) = 1;
+
+CREATE TEMP TABLE fv AS SELECT * FROM f WHERE value IS NOT NULL;
+
+-- Event-mode candidate of the last value (ASOF picks one of tied event times arbitrarily).
+CREATE TEMP TABLE cand AS
+SELECT l.rid, l.member_id, l.at, v.ev, v.la, v.value
+FROM lab l ASOF LEFT JOIN fv v ON l.member_id = v.member_id AND v.ev <= l.at;
+
+-- Labels to recompute exactly: candidate logged after at, or tied with another fact.
+CREATE TEMP TABLE tie AS SELECT member_id, ev FROM fv GROUP BY ALL HAVING count(*) > 1;
+CREATE TEMP TABLE fix AS
+SELECT c.rid, c.member_id, c.at FROM cand c
+WHERE c.la > c.at
+   OR EXISTS (SELECT 1 FROM tie t WHERE t.member_id = c.member_id AND t.ev = c.ev);
+CREATE TEMP TABLE fixed AS
+SELECT rid, value FROM (
+  SELECT x.rid, v.value,
+         row_number() OVER (PARTITION BY x.rid ORDER BY v.ev DESC, v.la DESC, v.fact_id DESC)
+           AS rn
+  FROM fix x JOIN fv v ON v.member_id = x.member_id AND v.ev <= x.at AND v.la <= x.at)
+WHERE rn = 1;
+
+-- Both windows (t - W, t] in one range join, as_known.
+CREATE TEMP TABLE win AS
+SELECT l.rid, sum(f.value) AS s7, count(*) FILTER (WHERE f.ev > l.at - $day) AS c1
+FROM lab l JOIN f ON f.member_id = l.member_id
+  AND f.ev > l.at - 7 * $day AND f.ev <= l.at AND f.la <= l.at
+GROUP BY l.rid;
+"""
+
+_DUCK_FINAL = """
+SELECT CASE WHEN x.rid IS NULL THEN c.value ELSE fd.value END AS "t.value.last",
+       w.s7 AS "t.value.sum.7d", coalesce(w.c1, 0) AS "t.count.1d"
+FROM cand c
+LEFT JOIN fix x ON x.rid = c.rid
+LEFT JOIN fixed fd ON fd.rid = c.rid
+LEFT JOIN win w ON w.rid = c.rid
+ORDER BY c.rid
+"""
+
+
+def duck(store_dir: str, labels: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """DuckDB on the live Parquet files of the store: the same answers, as an Arrow table."""
+    import duckdb  # noqa: PLC0415
+
+    from factlog import FactReader  # noqa: PLC0415
+    from ttstore import Store  # noqa: PLC0415
+
+    files = [str(Path(store_dir) / f.key) for f in FactReader(Store(store_dir)).live_files("t")]
+    con = duckdb.connect()
+    lab = pa.table({"rid": pa.array(np.arange(labels.num_rows, dtype=np.int64)),
+                    "member_id": labels.column("member_id"),
+                    "at": pa.array(_labels_at(labels))})
+    con.register("lab", lab)
+    for stmt in _DUCK_SQL.split(";"):
+        if stmt.strip():
+            params = {k: v for k, v in (("files", files), ("day", DAY_US))
+                      if f"${k}" in stmt}
+            con.execute(stmt, params)
+    res: pa.Table = con.execute(_DUCK_FINAL).to_arrow_table()
+    info = {"recomputed_labels": con.execute("SELECT count(*) FROM fix").fetchone()[0]}  # type: ignore[index]
+    con.close()
+    out = labels.select(["member_id", "at"])
+    for name in FEATURES:
+        out = out.append_column(name, res.column(name))
+    return out, info
+
+
+def pandas_event_last(store_dir: str, labels: pa.Table) -> pa.Table:
+    """pandas ``merge_asof``: the last non-null value in EVENT mode (late facts count)."""
+    import pandas as pd  # noqa: PLC0415
+
+    from factlog import FactReader  # noqa: PLC0415
+    from ttstore import Store  # noqa: PLC0415
+
+    files = [str(Path(store_dir) / f.key) for f in FactReader(Store(store_dir)).live_files("t")]
+    facts = pq.read_table(files, columns=["member_id", "event_time", "logged_at", "fact_id",
+                                          "value"]).to_pandas()
+    facts = facts[facts["value"].notna()].sort_values(
+        ["event_time", "logged_at", "fact_id"], kind="stable")
+    left = labels.select(["member_id", "at"]).to_pandas()
+    left["rid"] = np.arange(len(left))
+    left = left.sort_values("at", kind="stable")
+    m = pd.merge_asof(left, facts[["member_id", "event_time", "value"]], left_on="at",
+                      right_on="event_time", by="member_id", direction="backward")
+    m = m.sort_values("rid")
+    return labels.select(["member_id", "at"]).append_column(
+        "t.value.last", pa.array(m["value"].to_numpy(), from_pandas=True))
+
+
+# --- the child -------------------------------------------------------------------------------
+
+
+def child(which: str, store_dir: str, labels_path: str, out_path: str, profile: bool) -> int:
+    labels = pq.read_table(labels_path)
+    prof = cProfile.Profile() if profile else None
+    info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
+    if which == "ours":
+        out = ours(store_dir, labels)
+    elif which == "ours_event":
+        out = ours(store_dir, labels, knowledge="event")
+    elif which == "duckdb":
+        out, info = duck(store_dir, labels)
+    elif which == "pandas":
+        out = pandas_event_last(store_dir, labels)
+    else:
+        raise ValueError(which)
+    secs = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+    pq.write_table(out, out_path)
+    print(json.dumps({"s": secs, "rss_mb": peak_rss_mb(), **info}))
+    return 0
+
+
+def _spawn(which: str, store_dir: str, labels_path: str, out_path: str,
+           profile: bool = False) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.pit_bench", "--child", which, "--store", store_dir,
+           "--labels", labels_path, "--out", out_path]
+    if profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{which} failed:\n{proc.stderr[-4000:]}")
+    if profile:
+        print(proc.stderr, file=sys.stderr)
+    res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
+
+
+# --- comparison ------------------------------------------------------------------------------
+
+
+def compare(a: pa.Table, b: pa.Table, names: list[str]) -> dict[str, int | float]:
+    """Rows where ``a`` and ``b`` disagree, per feature: exact for everything but sums, which
+    agree within 1e-9 relative + 1e-6 absolute (the same floats added in another order)."""
+    out: dict[str, int | float] = {}
+    for name in names:
+        x, y = a.column(name).combine_chunks(), b.column(name).combine_chunks()
+        xn = x.is_null().to_numpy(zero_copy_only=False)
+        yn = y.is_null().to_numpy(zero_copy_only=False)
+        xv = pc.fill_null(x, 0).to_numpy().astype(np.float64)
+        yv = pc.fill_null(y, 0).to_numpy().astype(np.float64)
+        if ".sum." in name:
+            diff = np.abs(xv - yv)
+            ok = diff <= 1e-9 * np.maximum(np.abs(xv), np.abs(yv)) + 1e-6
+            out[f"{name} max_abs_diff"] = float(diff.max()) if len(diff) else 0.0
+            out[f"{name} bitwise_equal_share"] = float(np.mean(xv == yv)) if len(xv) else 1.0
+        else:
+            ok = xv == yv
+        bad = (xn != yn) | (~xn & ~ok)
+        out[name] = int(bad.sum())
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _sizes(quick: bool) -> tuple[int, int, int]:
+    return (1_000_000, 10_000, 100_000) if quick else (10_000_000, 100_000, 1_000_000)
+
+
+def _label_seed_facts(store_dir: str) -> pa.Table:
+    """A sample of stored facts to put some labels exactly on fact times (setup only)."""
+    files = sorted(str(p) for p in Path(store_dir, "facts", "t").glob("date=*/c-*.parquet"))
+    return pq.read_table(files[::3], columns=["member_id", "event_time", "logged_at"])
+
+
+def run(quick: bool, *, profile: bool = False) -> list[Result]:
+    n_facts, n_entities, n_labels = _sizes(quick)
+    small = n_labels // 10
+    with tempfile.TemporaryDirectory(prefix="pit_bench_") as tmp:
+        from ttstore import Store  # noqa: PLC0415
+
+        store_dir = str(Path(tmp, "store"))
+        data: PitData = generate_facts(Store(store_dir), n_facts, n_entities)
+        labels = generate_labels(_label_seed_facts(store_dir), n_labels, n_entities)
+        paths = {k: str(Path(tmp, f"{k}.parquet")) for k in
+                 ("labels", "labels_small", "ours", "duckdb", "pandas", "ours_event",
+                  "ours_small", "duckdb_small")}
+        pq.write_table(labels, paths["labels"])
+        pq.write_table(labels.slice(0, small), paths["labels_small"])
+        print(f"pit_bench: {data}", file=sys.stderr)
+
+        r_ours = _spawn("ours", store_dir, paths["labels"], paths["ours"], profile)
+        r_duck = _spawn("duckdb", store_dir, paths["labels"], paths["duckdb"])
+        r_pd = _spawn("pandas", store_dir, paths["labels"], paths["pandas"])
+        r_ours_s = _spawn("ours", store_dir, paths["labels_small"], paths["ours_small"])
+        r_duck_s = _spawn("duckdb", store_dir, paths["labels_small"], paths["duckdb_small"])
+        _spawn("ours_event", store_dir, paths["labels"], paths["ours_event"])
+
+        t_ours, t_duck = pq.read_table(paths["ours"]), pq.read_table(paths["duckdb"])
+        mism = compare(t_ours, t_duck, FEATURES)
+        mism_s = compare(pq.read_table(paths["ours_small"]), pq.read_table(paths["duckdb_small"]),
+                         FEATURES)
+        mism_pd = compare(pq.read_table(paths["ours_event"]), pq.read_table(paths["pandas"]),
+                          ["t.value.last"])
+    n_bad = sum(int(mism[f]) for f in FEATURES) + sum(int(mism_s[f]) for f in FEATURES)
+    shape = (f"{data.facts:,} facts ({data.copies:,} copies, {data.late:,} late), "
+             f"{n_entities:,} entities, 30 days, compacted; 3 features as_known")
+    late_fix = (f"DuckDB recomputed {r_duck['recomputed_labels']:,} of {n_labels:,} labels "
+                "(candidate logged after at, or tied)")
+    return [
+        Result(f"PIT join store→Arrow, {n_labels:,} labels", n_labels / r_ours["s"], "labels/s",
+               baseline=n_labels / r_duck["s"], baseline_name="DuckDB",
+               target=ratio_at_least(1.0, stretch=None),
+               note=f"ours {r_ours['s']:.2f} s, DuckDB {r_duck['s']:.2f} s (goal 2×); {shape}"),
+        Result(f"PIT join store→Arrow, {small:,} labels", small / r_ours_s["s"], "labels/s",
+               baseline=small / r_duck_s["s"], baseline_name="DuckDB",
+               target=ratio_at_least(1.0),
+               note=f"ours {r_ours_s['s']:.2f} s, DuckDB {r_duck_s['s']:.2f} s; same store"),
+        Result(f"PIT join wall time, {n_labels:,} labels", r_ours["s"], "s",
+               baseline=r_duck["s"], baseline_name="DuckDB", note=late_fix),
+        Result("DuckDB vs ours: mismatching values (all rows, both sizes)", float(n_bad), "rows",
+               target=None,
+               note="must be 0; last/count exact incl. nulls, sums ≤1e-9 rel+1e-6 abs; "
+                    + ", ".join(f"{k}={v:.3g}" for k, v in mism.items() if " " in k)),
+        Result("last value, event mode: pandas merge_asof time", r_pd["s"], "s",
+               baseline=r_ours["s"], baseline_name="ours (as_known, 3 features)",
+               note=f"pandas cannot do as_known; vs our event mode: "
+                    f"{mism_pd['t.value.last']} mismatching rows"),
+        Result(f"peak RSS, ours, {n_labels:,} labels", r_ours["rss_mb"], "MB",
+               baseline=r_duck["rss_mb"], baseline_name="DuckDB",
+               note="each contender in its own process (ru_maxrss)"),
+        Result("setup (not timed above): generate + compact", data.generate_s + data.compact_s,
+               "s", note=f"generate {data.generate_s:.1f} s, compact {data.compact_s:.1f} s, "
+                         f"{data.files_compacted} compacted files"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile", action="store_true", help="cProfile of our run (stderr)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--labels", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args.child, args.store, args.labels, args.out, args.profile)
+    from ._types import fmt_value  # noqa: PLC0415
+
+    for r in run(args.quick, profile=args.profile):
+        base = ("" if r.baseline is None
+                else f"  [{r.baseline_name}: {fmt_value(r.baseline, r.unit)}")
+        base += "" if r.ratio is None else f", ratio {r.ratio:.2f}]"
+        print(f"{r.metric}: {fmt_value(r.value, r.unit)}{base}  {r.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    raise SystemExit(main())
