@@ -24,6 +24,7 @@ per one-second window of wall time: ``started_per_s`` (aligned to whole seconds)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -31,7 +32,7 @@ import random
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -161,6 +162,8 @@ class _Counts:
         self.batch_requests = 0
         self.ids_requested = 0
         self.hangs = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     def body(self) -> dict[str, Any]:
         ts = np.frombuffer(self.starts, dtype=np.float64) if len(self.starts) else np.zeros(0)
@@ -170,6 +173,7 @@ class _Counts:
             "ids_requested": self.ids_requested,
             "by_status": dict(sorted(self.by_status.items())),
             "hangs": self.hangs,
+            "max_in_flight": self.max_in_flight,
             **window_figures(ts),
         }
 
@@ -273,6 +277,17 @@ async def _enter(state: SimState, service: str, *, ids: int, batch: bool) -> web
     return None
 
 
+@contextlib.contextmanager
+def _in_flight(state: SimState, service: str) -> Iterator[None]:
+    c = state.counts[service]
+    c.in_flight += 1
+    c.max_in_flight = max(c.max_in_flight, c.in_flight)
+    try:
+        yield
+    finally:
+        c.in_flight -= 1
+
+
 def _count(state: SimState, service: str, resp: web.Response) -> web.Response:
     by = state.counts[service].by_status
     key = str(resp.status)
@@ -296,6 +311,15 @@ def _entity_handlers(service: str) -> tuple[Callable[..., Any], Callable[..., An
 
     async def get_one(request: web.Request) -> web.Response:
         state = request.app[_STATE]
+        with _in_flight(state, service):
+            return await _get_one(request, state)
+
+    async def batch_get(request: web.Request) -> web.Response:
+        state = request.app[_STATE]
+        with _in_flight(state, service):
+            return await _batch_get(request, state)
+
+    async def _get_one(request: web.Request, state: SimState) -> web.Response:
         fault = await _enter(state, service, ids=1, batch=False)
         if fault is not None:
             return _count(state, service, fault)
@@ -306,8 +330,7 @@ def _entity_handlers(service: str) -> tuple[Callable[..., Any], Callable[..., An
             return _count(state, service, _error(404, "not_found", f"no member {raw!r}"))
         return _count(state, service, _json(answer))
 
-    async def batch_get(request: web.Request) -> web.Response:
-        state = request.app[_STATE]
+    async def _batch_get(request: web.Request, state: SimState) -> web.Response:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -1,0 +1,312 @@
+"""The services config and the fetcher, against the simulated world on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import tomllib
+
+import pytest
+from aiohttp import web
+
+from simworld import SimClock, World, running_world
+from snapshotter import (
+    QpsLimiter,
+    ServiceConfig,
+    ServiceConfigError,
+    ServiceFetcher,
+    load_services,
+    parse_services,
+)
+from ttstore import US_PER_DAY, parse_timestamp
+
+T0 = parse_timestamp("2026-11-01T00:00:00Z", field="t0")
+NOW = T0 + 2 * US_PER_DAY
+MEMBERS = 400
+
+EXAMPLE = """
+[services.viewing_history]
+url = "http://127.0.0.1:9001/v1/history/{entity_id}"
+batch_url = "http://127.0.0.1:9001/v1/history:batchGet"
+entity_type = "int64"
+timeout_s = 2.0
+retries = 3
+max_concurrency = 64
+max_qps = 500
+max_staleness = "48h"
+headers = { Authorization = "Bearer ${HISTORY_TOKEN}", X-Price = "$$5" }
+
+[services.profile]
+url = "http://user:hunter2@127.0.0.1:9002/v1/profile/{entity_id}"
+entity_type = "string"
+"""
+
+
+# -- the config ---------------------------------------------------------------------------------
+
+
+def test_parse_the_spec_example(tmp_path) -> None:
+    p = tmp_path / "services.toml"
+    p.write_text(EXAMPLE)
+    services = load_services(p, environ={"HISTORY_TOKEN": "s3cret-token"})
+    assert list(services) == ["viewing_history", "profile"]
+    vh = services["viewing_history"]
+    assert (vh.timeout_s, vh.retries, vh.max_concurrency, vh.max_qps) == (2.0, 3, 64, 500.0)
+    assert vh.max_staleness_us == 48 * 3600 * 10**6 and vh.uses_batch
+    assert vh.resolve_headers({"HISTORY_TOKEN": "s3cret-token"}) == {
+        "Authorization": "Bearer s3cret-token", "X-Price": "$5"}
+    assert vh.entity_url(42) == "http://127.0.0.1:9001/v1/history/42"
+    pr = services["profile"]
+    assert pr.entity_type == "string" and not pr.uses_batch
+    assert pr.max_staleness == "48h" and pr.retries == 3 and pr.max_qps is None
+    assert pr.entity_url("a/b c") == "http://user:hunter2@127.0.0.1:9002/v1/profile/a%2Fb%20c"
+    public = json.dumps({n: s.public_json() for n, s in services.items()})
+    assert "s3cret" not in public and "hunter2" not in public and "HISTORY_TOKEN" not in public
+    assert vh.public_json()["headers"] == {"Authorization": "<redacted>", "X-Price": "<redacted>"}
+    assert pr.public_json()["url"] == "http://user@127.0.0.1:9002/v1/profile/{entity_id}"
+    assert vh.public_json()["max_staleness_us"] == vh.max_staleness_us
+
+
+def test_a_missing_header_variable_is_named(tmp_path) -> None:
+    with pytest.raises(ServiceConfigError) as e:
+        parse_services(tomllib.loads(EXAMPLE), environ={})
+    assert e.value.code == "missing_env_var"
+    assert "HISTORY_TOKEN" in e.value.message and "viewing_history" in e.value.message
+    assert e.value.service == "viewing_history" and e.value.field == "headers.Authorization"
+
+
+@pytest.mark.parametrize(
+    ("body", "service", "needle"),
+    [
+        ('[services.a]\nurl = "http://h/{entity_id}"\nretry = 3\n', "a", "'retry'"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\n[other]\nx = 1\n', None, "'other'"),
+        ('[services.Bad-Name]\nurl = "http://h/{entity_id}"\n', "Bad-Name", "Bad-Name"),
+        ('[services.a]\nurl = "http://h/x"\n', "a", "{entity_id}"),
+        ('[services.a]\nurl = "ftp://h/{entity_id}"\n', "a", "http"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\ntimeout_s = -1\n', "a", "timeout_s"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\nretries = 1.5\n', "a", "retries"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\nmax_qps = 0\n', "a", "max_qps"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\nmax_staleness = "2 days"\n', "a",
+         "max_staleness"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\nentity_type = "uuid"\n', "a", "entity_type"),
+        ('[services.a]\nurl = "http://h/{entity_id}"\nheaders = { A = "$HOME" }\n', "a",
+         "headers.A"),
+        ('[services.a]\nbatch_url = "http://h/b"\n', "a", "no url"),
+        ("", None, "no services"),
+    ],
+)
+def test_bad_configs_are_errors_naming_the_key(body: str, service, needle: str) -> None:
+    with pytest.raises(ServiceConfigError) as e:
+        parse_services(tomllib.loads(body), environ={})
+    assert needle in e.value.message
+    assert e.value.service == service
+    assert e.value.http_status == 400
+
+
+def test_config_is_typed_and_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        ServiceConfig("a", "http://h/{entity_id}")  # type: ignore[misc]
+    c = ServiceConfig(name="a", url="http://h/{entity_id}", max_qps=10, timeout_s=1)
+    assert isinstance(c.timeout_s, float) and c.max_qps == 10.0
+    with pytest.raises(ServiceConfigError, match="not valid"):
+        ServiceConfig(name="snapshot-x", url="http://h/{entity_id}")
+    with pytest.raises(ServiceConfigError, match="not a file|cannot read"):
+        load_services("/nonexistent/services.toml")
+
+
+# -- the fetcher --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World(seed=33, members=MEMBERS, start_us=T0)
+    with running_world(w, clock=SimClock(NOW), fault_seed=2) as rw:
+        yield w, rw
+
+
+@pytest.fixture
+def sim(world):
+    w, rw = world
+    rw.control.set_faults("*", error_rate=0.0, timeout_rate=0.0, down=False,
+                          latency_median_ms=0.0, latency_p99_ms=None)
+    rw.control.reset_stats()
+    return w, rw
+
+
+def _config(rw, service: str = "profile", *, batch: bool = False, **kw) -> ServiceConfig:
+    return ServiceConfig(
+        name=service,
+        url=f"{rw.url}/v1/{service}/{{entity_id}}",
+        batch_url=f"{rw.url}/v1/{service}:batchGet" if batch else None,
+        **{"backoff_base_s": 0.01, "backoff_max_s": 0.05, **kw},
+    )
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_fetch_answers_the_truth_in_input_order(sim, batch: bool) -> None:
+    w, rw = sim
+    ids = [5, 0, 42, 401, 7, 5, *range(100, 160)]
+    truth = {"viewing_history": w.viewing_histories, "my_list": w.my_lists}
+    for service, f in truth.items():
+        async with ServiceFetcher(_config(rw, service, batch=batch, batch_size=16)) as fetcher:
+            got = await fetcher.fetch(ids)
+        expected = f(ids, NOW)
+        assert [r.entity for r in got] == ids
+        assert [r.status for r in got] == ["missing" if e is None else "ok" for e in expected]
+        assert [r.payload for r in got] == expected
+        assert [None if r.raw_json is None else json.loads(r.raw_json) for r in got] == expected
+        assert all(r.error_kind is None and r.attempts == 1 for r in got)
+        assert all(r.latency_s > 0 for r in got)
+    st = rw.control.stats()["services"]["my_list"]
+    if batch:
+        assert st["batch_requests"] == st["requests"] == -(-len(ids) // 16)
+        assert st["ids_requested"] == len(ids)
+    else:
+        assert st["requests"] == len(ids) and st["batch_requests"] == 0
+
+
+async def test_a_service_failing_20_percent_is_retried(sim) -> None:
+    w, rw = sim
+    rw.control.set_faults("profile", error_rate=0.2)
+    ids = list(range(1, 301))
+    async with ServiceFetcher(_config(rw, retries=5), seed=1) as fetcher:
+        got = await fetcher.fetch(ids)
+        stats = fetcher.stats()
+    ok = [r for r in got if r.status == "ok"]
+    assert len(ok) >= 295  # a row fails only if all 6 attempts fail: p = 0.2^6
+    assert [r.payload for r in ok] == [w.profile(r.entity, NOW) for r in ok]
+    assert any(r.attempts > 1 for r in ok)
+    assert stats["retries"] > 20 and stats["attempt_errors"]["http_5xx"] == stats["retries"]
+    assert stats["requests"] == len(ids) + stats["retries"]
+    served = rw.control.stats()["services"]["profile"]
+    assert served["requests"] == stats["requests"]
+    assert served["by_status"]["500"] == stats["attempt_errors"]["http_5xx"]
+
+
+async def test_a_service_down_gives_errors_not_an_exception(sim) -> None:
+    _, rw = sim
+    rw.control.set_faults("my_list", down=True)
+    for batch in (False, True):
+        async with ServiceFetcher(_config(rw, "my_list", batch=batch, retries=2)) as fetcher:
+            got = await fetcher.fetch(list(range(1, 41)))
+            stats = fetcher.stats()
+        assert [r.status for r in got] == ["error"] * 40
+        assert {r.error_kind for r in got} == {"http_5xx"}
+        assert {r.attempts for r in got} == {3}
+        assert stats["rows"] == {"ok": 0, "missing": 0, "error": 40}
+        assert stats["errors"] == {"http_5xx": 40}
+
+
+async def test_connection_refused_is_a_connection_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nothing listens on the port now.
+    config = ServiceConfig(name="gone", url=f"http://127.0.0.1:{port}/v1/x/{{entity_id}}",
+                           retries=1, backoff_base_s=0.01)
+    async with ServiceFetcher(config) as fetcher:
+        got = await fetcher.fetch([1, 2, 3])
+    assert [(r.status, r.error_kind, r.attempts) for r in got] == [("error", "connection", 2)] * 3
+
+
+async def test_timeouts_are_honoured(sim) -> None:
+    _, rw = sim
+    rw.control.set_faults("profile", timeout_rate=1.0, hang_s=20.0)
+    async with ServiceFetcher(_config(rw, timeout_s=0.2, retries=1)) as fetcher:
+        got = await fetcher.fetch([1, 2, 3, 4])
+        stats = fetcher.stats()
+    assert [(r.status, r.error_kind, r.attempts) for r in got] == [("error", "timeout", 2)] * 4
+    assert stats["attempt_errors"] == {"timeout": 8}
+    assert rw.control.stats()["services"]["profile"]["hangs"] == 8
+
+
+async def test_invalid_answers(aiohttp_server) -> None:
+    async def one(request: web.Request) -> web.Response:
+        e = request.match_info["id"]
+        if e == "1":
+            return web.Response(text="not json", content_type="application/json")
+        if e == "2":
+            return web.json_response([1, 2])
+        if e == "3":
+            return web.Response(status=403)
+        return web.json_response({"id": e})
+
+    async def batch(request: web.Request) -> web.Response:
+        ids = (await request.json())["ids"]
+        return web.json_response({"results": {str(i): (7 if i == "b" else {"id": i})
+                                              for i in ids if i != "c"}})
+
+    app = web.Application()
+    app.router.add_get("/x/{id}", one)
+    app.router.add_post("/x:batch", batch)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    config = ServiceConfig(name="x", url=base + "/x/{entity_id}", entity_type="string")
+    async with ServiceFetcher(config) as fetcher:
+        got = await fetcher.fetch(["1", "2", "3", "4"])
+    assert [(r.status, r.error_kind, r.attempts) for r in got] == [
+        ("error", "invalid_json", 1), ("error", "invalid_json", 1), ("error", "http_4xx", 1),
+        ("ok", None, 1)]
+    config = ServiceConfig(name="x", url=base + "/x/{entity_id}", batch_url=base + "/x:batch",
+                           entity_type="string")
+    async with ServiceFetcher(config) as fetcher:
+        got = await fetcher.fetch(["a", "b", "c"])
+    assert [(r.status, r.error_kind) for r in got] == [
+        ("ok", None), ("error", "invalid_json"), ("missing", None)]
+    assert got[0].payload == {"id": "a"}
+
+
+# -- the QPS limit ------------------------------------------------------------------------------
+
+
+async def test_limiter_holds_in_every_window_bursts_included() -> None:
+    """The limiter's own start log: no window of 1 s holds more than the limit, from the first
+    burst on (a token bucket that starts full would let 2x through in the first second)."""
+    lim = QpsLimiter(40)
+    starts = await asyncio.gather(*(lim.acquire() for _ in range(100)))
+    starts = sorted(starts)
+    assert max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts) <= 40
+    assert lim.capacity == 40
+    assert QpsLimiter(2.5).capacity == 2
+    with pytest.raises(ServiceConfigError, match="below 1"):
+        QpsLimiter(0.5)
+
+
+async def test_qps_limit_holds_at_the_service(sim) -> None:
+    _, rw = sim
+    rw.control.set_faults("viewing_history", error_rate=0.2)  # retries count too
+    config = _config(rw, "viewing_history", max_qps=30, retries=3, max_concurrency=16)
+    async with ServiceFetcher(config) as fetcher:
+        got = await fetcher.fetch(list(range(1, 71)))
+        requests = fetcher.stats()["requests"]
+    assert sum(r.status == "ok" for r in got) >= 65
+    served = rw.control.stats()["services"]["viewing_history"]
+    assert served["requests"] == requests > 70
+    assert max(served["started_per_s"].values()) <= 30
+    assert len(served["started_per_s"]) >= 3  # the limit spread them out
+
+
+async def test_qps_share_keeps_shards_within_the_total(sim) -> None:
+    _, rw = sim
+    config = _config(rw, "my_list", max_qps=30, batch=True, batch_size=1)
+    async with (ServiceFetcher(config, qps_share=0.5) as a,
+                ServiceFetcher(config, qps_share=0.5) as b):
+        got = await asyncio.gather(a.fetch(list(range(1, 41))), b.fetch(list(range(41, 81))))
+    assert all(r.status == "ok" for rs in got for r in rs)
+    served = rw.control.stats()["services"]["my_list"]
+    assert served["batch_requests"] == 80
+    assert max(served["started_per_s"].values()) <= 30
+    with pytest.raises(ServiceConfigError, match="below 1"):
+        ServiceFetcher(_config(rw, max_qps=3), qps_share=0.25)
+
+
+async def test_concurrency_is_bounded(sim) -> None:
+    _, rw = sim
+    rw.control.set_faults("profile", latency_median_ms=30.0)
+    async with ServiceFetcher(_config(rw, max_concurrency=4)) as fetcher:
+        got = await fetcher.fetch(list(range(1, 41)))
+    assert all(r.status == "ok" for r in got)
+    served = rw.control.stats()["services"]["profile"]
+    assert served["requests"] == 40
+    assert 2 <= served["max_in_flight"] <= 4
