@@ -280,6 +280,8 @@ class Encoder:
         """
         if value is None or self.output_type is None:
             return value
+        if self.output == "json":
+            return json_text(value)
         return pa.array([value], type=self.output_type).to_pylist()[0]
 
     @functools.cached_property
@@ -482,6 +484,8 @@ def _none_status(view: View, services: Sequence[str]) -> str:
 def _to_array(enc: Encoder, values: list[Any], status: np.ndarray) -> pa.Array:
     """The values as one Arrow array; a value that does not fit becomes an ``error``."""
     typ = enc.output_type
+    if enc.output == "json":
+        values = [_json_or_error(v, i, status) for i, v in enumerate(values)]
     try:
         return pa.array(values, type=typ) if typ is not None else _infer(values)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -496,6 +500,21 @@ def _to_array(enc: Encoder, values: list[Any], status: np.ndarray) -> pa.Array:
             fitted.append(None)
             status[i] = "error"
     return pa.array(fitted, type=typ)
+
+
+def json_text(value: Any) -> str:
+    """The canonical JSON text of a value (what a ``json`` output column holds)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _json_or_error(value: Any, i: int, status: np.ndarray) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json_text(value)
+    except (TypeError, ValueError):
+        status[i] = "error"
+        return None
 
 
 def _infer(values: list[Any]) -> pa.Array:
