@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from timetravel_api import FeatureRepo, encoder, facts
+from timetravel_api import FeatureRepo, encoder
 from timetravel_api._errors import EncoderDefinitionError, RepoError
 from timetravel_api._features import parse_features
 

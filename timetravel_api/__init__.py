@@ -1,6 +1,23 @@
 """timetravel_api: point-in-time feature reconstruction, the query API and the SDK."""
 
+from ._encoders import Encoder, encoder, facts, snapshot
 from ._engine import Engine, FeatureResult
+from ._parity import ParityReport, log_served_features, parity_report, served_features_type
+from ._repo import FeatureRepo
 from ._training import build_training_set
+from ._view import Batch, View
 
 __all__: list[str] = ["Engine", "FeatureResult", "build_training_set"]
+__all__ += [  # feature repo, encoders and parity
+    "Batch",
+    "Encoder",
+    "FeatureRepo",
+    "ParityReport",
+    "View",
+    "encoder",
+    "facts",
+    "log_served_features",
+    "parity_report",
+    "served_features_type",
+    "snapshot",
+]
