@@ -80,6 +80,7 @@ def build_training_set(
     """
     st = store if isinstance(store, Store) else Store(store)
     clock = clock or SystemClock()
+    built_at_us = clock.now_us()
     table = read_labels(labels, st)
     eng = Engine(st, repo=repo, clock=clock, workers=workers)
     names = [features] if isinstance(features, str) else list(features)
@@ -89,7 +90,7 @@ def build_training_set(
     at = table.column(AT_COLUMN)
     res = eng.features(table.column(ENTITY_COLUMN), at, names, knowledge=knowledge,
                        engine=engine, progress=progress)
-    return assemble(table, res, engine=engine, built_at_us=clock.now_us())
+    return assemble(table, res, engine=engine, built_at_us=built_at_us)
 
 
 def read_labels(labels: pa.Table | str | os.PathLike[str], store: Store) -> pa.Table:
