@@ -287,3 +287,200 @@ def test_payload_typing_rules():
     assert c.column("p_n").to_pylist() == [1.0, 2.0]
     assert c.column("p_s").to_pylist() == [None, None]
     assert c.column("p_z").type == pa.bool_()
+
+
+# -- against the simulated world (real HTTP services) ------------------------------------------
+
+import tomllib  # noqa: E402
+
+from simworld import World, running_world  # noqa: E402
+from snapshotter import parse_services  # noqa: E402
+
+DAY = 86_400 * US_PER_S
+W_START = parse_timestamp("2026-11-01T00:00:00Z", field="t")
+SERVICES = ("viewing_history", "my_list", "profile")
+
+
+def world_selection(store, world: World, n: int, at_us: int) -> str:
+    pop = world.population(at_us)
+    cs = select_contexts(pop, n=n, selected_at_us=at_us, entity="member_id",
+                         strata=["region"], seed=3)
+    return save_selection(store, cs, report=False, clock=ManualClock(at_us))
+
+
+def world_services(rw, **kw):
+    return parse_services(tomllib.loads(rw.services_toml(**kw)))
+
+
+def test_snapshot_contents_equal_the_truth_at_captured_at(local_store):
+    world = World(seed=11, members=400, start_us=W_START)
+    t1 = W_START + 19 * DAY + 7 * 3600 * US_PER_S
+    sid = world_selection(local_store, world, 90, t1 - DAY)
+    with running_world(world) as rw:
+        for slot, batch in ((t1, True), (t1 + DAY // 2, False)):
+            rw.state.clock.set(slot)
+            svcs = world_services(rw, batch=batch, max_concurrency=8)
+            out = SnapshotRunner(local_store, svcs, clock=rw.state.clock,
+                                 chunk_size=25).run(slot)
+            assert out.state == "committed"
+            assert out.manifest is not None and out.manifest.selection_id == sid
+            for name in SERVICES:
+                assert out.manifest.services[name].confidence == 1.0
+    members = sorted(local_store.read_parquet(
+        f"snapshots/selections/{sid}/contexts.parquet").column("entity_id").to_pylist())
+    fs, root = local_store.arrow_filesystem()
+    truth = {"viewing_history": world.viewing_history, "my_list": world.my_list,
+             "profile": world.profile}
+    changed = 0
+    for name in SERVICES:
+        rows = ds.dataset(f"{root}/snapshots/runs/service={name}", filesystem=fs,
+                          format="parquet", partitioning="hive").to_table().to_pylist()
+        assert len(rows) == 2 * len(members)
+        assert sorted({r["entity_id"] for r in rows}) == members
+        for r in rows:
+            at = int(r["captured_at"].timestamp()) * US_PER_S
+            assert at in (t1, t1 + DAY // 2)
+            expected = truth[name](r["entity_id"], at)
+            assert r["status"] == "ok"
+            assert json.loads(r["raw_json"]) == expected
+            for k, v in expected.items():
+                if isinstance(v, bool | int | float | str):
+                    got = r[f"p_{k}"]
+                    assert got == v and type(got) is type(v) or (
+                        isinstance(v, int) and got == float(v)), (name, k, v, got)
+            other = truth[name](r["entity_id"], (2 * t1 + DAY // 2) - at)
+            changed += other != expected
+    assert changed > 0  # the two runs saw different states: a real test of captured_at
+
+
+def test_failing_service_retries_and_reports_confidence(local_store):
+    world = World(seed=5, members=600, start_us=W_START)
+    now = W_START + 10 * DAY
+    world_selection(local_store, world, 300, now - DAY)
+    with running_world(world, clock=None, fault_seed=1) as rw:
+        rw.state.clock.set(now)
+        rw.control.set_faults("profile", error_rate=0.2)
+        rw.control.set_faults("my_list", down=True)
+        # No retries, per-entity: about 20% of profile fetches fail.
+        svcs = world_services(rw, batch=False, retries=0, max_concurrency=16)
+        out = SnapshotRunner(local_store, svcs, clock=ManualClock(now),
+                             chunk_size=100).run(now)
+        m = out.manifest
+        assert out.state == "committed" and m is not None
+        reader = SnapshotReader(local_store)
+        prof = reader.read("profile", pa.array(range(1, 601)), np.full(600, now + 1))
+        statuses = prof.column("status").to_pylist()
+        p = m.services["profile"]
+        assert p.requested == 300 and p.failed == statuses.count("error")
+        assert p.fetched_ok == statuses.count("ok")
+        assert p.confidence == statuses.count("ok") / 300
+        assert 0.65 < p.confidence < 0.92
+        assert p.errors == {"http_5xx": p.failed}
+        ml = m.services["my_list"]
+        assert (ml.confidence, ml.fetched_ok, ml.failed) == (0.0, 0, 300)
+        assert m.services["viewing_history"].confidence == 1.0
+        stats = rw.control.stats()["services"]
+        assert stats["profile"]["requests"] == 300  # no retries
+
+        # With retries, the same fault rate is absorbed: the service was asked again.
+        rw.control.reset_stats()
+        later = now + DAY // 2
+        svcs = world_services(rw, batch=False, retries=4, max_concurrency=16,
+                              services=("profile",))
+        out2 = SnapshotRunner(local_store, svcs, clock=ManualClock(later),
+                              chunk_size=100).run(later)
+        p2 = out2.manifest.services["profile"]
+        assert rw.control.stats()["services"]["profile"]["requests"] > 330
+        assert p2.confidence >= 0.99
+        rows = local_store.read_parquet(p2.objects[0])
+        assert max(rows.column("attempts").to_pylist()) > 1
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from ttstore import format_timestamp  # noqa: E402
+
+CLI = [sys.executable, "-c", "from ttstore._cli import run; run()"]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def staged_chunks(store, service: str) -> int:
+    return sum(1 for o in store.list("snapshots/runs/_staging")
+               if f"/{service}/chunk-" in o.key)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in this process (cheaper than a subprocess when no kill is involved)."""
+    from ttstore._cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_sigkill_leaves_nothing_visible_and_resume_refetches_only_the_rest(store, tmp_path,
+                                                                           capsys):
+    world = World(seed=2, members=300, start_us=W_START)
+    now = W_START + 9 * DAY
+    world_selection(store, world, 100, now - DAY)
+    slot = format_timestamp(now)
+    with running_world(world) as rw:
+        rw.state.clock.set(now)
+        rw.control.set_faults("viewing_history", latency_median_ms=40.0)
+        path = tmp_path / "services.toml"
+        path.write_text(rw.services_toml(batch=False, max_concurrency=2))
+        args = ["snapshot", "run", "--store", store.url, "--services", str(path),
+                "--slot", slot, "--now", slot, "--chunk-size", "10"]
+        proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while staged_chunks(store, "viewing_history") < 2:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.kill()  # SIGKILL
+        finally:
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        staged = staged_chunks(store, "viewing_history")
+        assert 2 <= staged < 10
+
+        # Nothing is visible: not to our reader, not to pyarrow reading the directory.
+        assert external_rows(store) == 0
+        fs, root = store.arrow_filesystem()
+        files = ds.dataset(f"{root}/snapshots", filesystem=fs, format="parquet").files
+        assert files and not [f for f in files if "/runs/" in f]  # only the context set
+        assert SnapshotReader(store).runs() == []
+        assert [r["state"] for r in list_runs(store)] == ["pending"]
+
+        # Resume: only the chunks not staged are fetched again.
+        rw.control.set_faults("viewing_history", latency_median_ms=0.0)
+        rw.control.reset_stats()
+        code, out = run_main(capsys, *args)
+        assert code == 0
+        assert "committed run" in out
+        ids = {s: rw.control.stats()["services"][s]["ids_requested"] for s in SERVICES}
+        assert ids["viewing_history"] == 100 - 10 * staged
+        assert ids["my_list"] + ids["profile"] <= 200  # (they may not have been staged)
+        assert external_rows(store, "viewing_history") == 100
+        m = load_manifest(store, now)
+        assert m is not None and m.services["viewing_history"].requested == 100
+
+        # The same slot again: a no-op that says so; a second commit is refused.
+        rw.control.reset_stats()
+        code, out = run_main(capsys, *args)
+        assert code == 0 and "already committed" in out
+        assert rw.control.stats()["services"]["viewing_history"]["requests"] == 0
+        with pytest.raises(RunAlreadyCommitted):
+            put_manifest(store, m)
+        assert load_manifest(store, now) == m
+        code, out = run_main(capsys, "snapshot", "list", "--store", store.url, "--json")
+        [row] = [json.loads(line) for line in out.splitlines()]
+        assert row["state"] == "committed" and row["services"]["viewing_history"][
+            "confidence"] == 1.0
