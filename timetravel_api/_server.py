@@ -248,7 +248,8 @@ class _Api:
         return json_response({
             "service": service, "entity_id": _json_id(request.match_info["entity_id"]),
             "at": format_timestamp(at_us), "knowledge": knowledge,
-            "status": row.get("status"), "fields": payload,
+            "status": row.get("status"),
+            "fields": payload if row.get("status") == "ok" else None,
             "weight": row.get("weight"),
             "provenance": {"run_id": row.get("run_id"), "selection_id": row.get("selection_id"),
                            "captured_at": row.get("captured_at"), "age_s": row.get("age_s")},
@@ -367,7 +368,8 @@ def make_api_app(
         engine = Engine(store, repo=repo, clock=clock, workers=config.workers)
     registry = CollectorRegistry()
     jobs = JobManager(store=store, clock=clock, max_jobs=config.max_jobs,
-                      build=functools.partial(_build, store=store, repo=repo, engine=engine))
+                      build=functools.partial(_build, store=store, repo=repo, clock=clock,
+                                              workers=config.workers))
     api = _Api(store=store, clock=clock, engine=engine, config=config, registry=registry,
                jobs=jobs)
     jobs.check = lambda req: api.resolver.resolve(req.features) and None
@@ -388,20 +390,11 @@ def make_api_app(
 
 def _build(labels: pa.Table, features: list[str], knowledge: str,
            progress: Callable[[float], None], *, store: Store, repo: str | None,
-           engine: Any) -> pa.Table:
-    import importlib  # noqa: PLC0415
+           clock: Clock, workers: int | None) -> pa.Table:
+    from ._training import build_training_set  # noqa: PLC0415
 
-    build = None
-    for mod in ("timetravel_api", "timetravel_api._training", "timetravel_api._engine"):
-        build = getattr(importlib.import_module(mod), "build_training_set", None)
-        if build is not None:
-            break
-    if build is None:
-        raise TimetravelApiError("training-set builds are not available in this build",
-                                 code="not_implemented")
-    out: pa.Table = build(labels, features, store=store, repo=repo, knowledge=knowledge,
-                          engine=engine, progress=progress)
-    return out
+    return build_training_set(labels, features, store=store, repo=repo, knowledge=knowledge,
+                              engine="local", workers=workers, clock=clock, progress=progress)
 
 
 def _routes(api: _Api) -> RouteTable:
