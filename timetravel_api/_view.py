@@ -275,8 +275,11 @@ def gather_visible(
         return table.slice(0, 0), np.zeros(n + 1, dtype=np.int64)
     ent = table.column(entity_col).combine_chunks()
     ent_np = ent.to_numpy(zero_copy_only=False)
-    starts = np.concatenate(([0], np.flatnonzero(ent_np[1:] != ent_np[:-1]) + 1))
-    if len(starts) != len(pc.unique(ent)):
+    change = ent_np[1:] != ent_np[:-1]
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1))
+    et = table.column("event_time").combine_chunks().cast(pa.int64()).to_numpy()
+    if len(starts) != len(pc.unique(ent)) or not np.all(change | (et[1:] >= et[:-1])):
+        # Not in (entity, event_time) order: sort once (the engine's tables already are).
         table = _sorted_by_entity(table, entity_col)
         return gather_visible(table, entity_col, entities, at_us, span_us=span_us,
                               knowledge=knowledge)
@@ -287,7 +290,6 @@ def gather_visible(
     uniq = ent.take(pa.array(starts))
     g = pc.index_in(q_ent, value_set=uniq).fill_null(-1).to_numpy(zero_copy_only=False)
     g = g.astype(np.int64)
-    et = table.column("event_time").combine_chunks().cast(pa.int64()).to_numpy()
     at = np.asarray(at_us, dtype=np.int64)
     span = None if span_us is None else min(int(span_us), _MAX_SPAN_US)
     lo_t = at - span if span is not None else at  # the lower bound is unused when unbounded
