@@ -136,7 +136,7 @@ def generate_facts(
 def generate_labels(
     facts: pa.Table, n_labels: int, n_entities: int, *, seed: int = 12
 ) -> pa.Table:
-    """``n_labels`` rows (``member_id``, ``at``) over the last 20 days; a few exactly on a fact's
+    """``n_labels`` rows (``entity_id``, ``at``) over the last 20 days; a few exactly on a fact's
     ``event_time`` or ``logged_at`` (``facts``: any sample of stored facts with ``member_id``,
     ``event_time`` and ``logged_at``)."""
     rng = np.random.default_rng(seed)
@@ -151,5 +151,5 @@ def generate_labels(
         pick = recent[rng.integers(0, len(recent), len(rows))]
         ent[rows] = f_ent[pick]
         at[rows] = col[pick]
-    return pa.table({"member_id": pa.array(ent),
+    return pa.table({"entity_id": pa.array(ent),
                      "at": pa.array(at).cast(TIMESTAMP_TYPE)})
