@@ -1,5 +1,6 @@
 """timetravel_api: point-in-time feature reconstruction, the query API and the SDK."""
 
+from ._client import ApiRequestError, ApiUnavailable, Client, TrainingSetFailed, is_complete
 from ._encoders import Encoder, encoder, facts, snapshot
 from ._engine import Engine, FeatureResult
 from ._parity import ParityReport, log_served_features, parity_report, served_features_type
@@ -20,4 +21,11 @@ __all__ += [  # feature repo, encoders and parity
     "parity_report",
     "served_features_type",
     "snapshot",
+]
+__all__ += [  # the SDK
+    "ApiRequestError",
+    "ApiUnavailable",
+    "Client",
+    "TrainingSetFailed",
+    "is_complete",
 ]
