@@ -30,19 +30,29 @@ def mix(x: np.ndarray) -> np.ndarray:
 def hash64(seed: int, stream: int, *keys: np.ndarray | int) -> np.ndarray:
     """A 64-bit hash of ``(seed, stream, *keys)``, broadcast over the key arrays.
 
-    Keys are integers (negative ones are taken modulo 2^64).
+    Keys are integers (negative ones are taken modulo 2^64). Each key is folded in with an
+    xor and a multiply by an odd constant (a bijection in that key, so nearby keys never
+    collide), and one full mix at the end scatters the bits.
     """
     with np.errstate(over="ignore"):
         h = mix(np.asarray([(seed * 0x100000001B3 + stream) & 0xFFFFFFFFFFFFFFFF], np.uint64))
         for k in keys:
             kk = np.asarray(k).astype(np.int64).view(np.uint64)
-            h = mix(h ^ (kk + _GOLDEN))
-    return h
+            h = (h ^ kk) * _M1 + _GOLDEN
+        return mix(h)
 
 
 def uniform(seed: int, stream: int, *keys: np.ndarray | int) -> np.ndarray:
     """Uniform floats in [0, 1), one per broadcast key."""
     return (hash64(seed, stream, *keys) >> np.uint64(11)).astype(np.float64) * _INV_2_53
+
+
+def uniforms4(seed: int, stream: int, *keys: np.ndarray | int) -> tuple[np.ndarray, ...]:
+    """Four uniforms in [0, 1) with 16-bit resolution from one hash (coarse draws: genre,
+    popularity, watched share), a quarter of the hashing of four :func:`uniform` calls."""
+    h = hash64(seed, stream, *keys)
+    mask = np.uint64(0xFFFF)
+    return tuple(((h >> np.uint64(16 * i)) & mask).astype(np.float64) / 65536.0 for i in range(4))
 
 
 def choice(u: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ttstore import TIMESTAMP_TYPE, US_PER_DAY, US_PER_S
 
-from ._random import choice, poisson, uniform
+from ._random import choice, poisson, uniform, uniforms4
 
 __all__ = [
     "ACTIVITY_LEVELS", "DEVICES", "GENRES", "PLANS", "REGIONS", "TENURE_BUCKETS", "Plays", "World"
@@ -55,14 +55,21 @@ RECENT_PLAYS = 10
 # Random streams: one per kind of draw, so no two draws share a hash input.
 (_S_REGION, _S_ACTIVITY, _S_RATE, _S_TENURE, _S_DEVICE, _S_DEVICE_SW, _S_DEVICE_NEW, _S_PLAN,
  _S_PLAN_SW, _S_PLAN_NEW, _S_PHASE_D, _S_PHASE_T, _S_FAV1, _S_FAV2, _S_PLAYS_N, _S_PLAY_T,
- _S_PLAY_G, _S_PLAY_GU, _S_PLAY_V, _S_PLAY_F, _S_ADDS_N, _S_ADD_T, _S_ADD_G, _S_ADD_GU, _S_ADD_V,
- _S_ADD_LIFE, _S_KIDS, _S_GENRE, _S_RUNTIME) = range(1, 30)
+ _S_PLAY_U, _S_ADDS_N, _S_ADD_T, _S_ADD_U, _S_ADD_LIFE, _S_KIDS, _S_GENRE, _S_RUNTIME,
+ ) = range(1, 25)
 
 
 #: Member ids: a sequence or an integer array.
 Ids = Sequence[int] | np.ndarray
 #: One member's answer: a JSON object, or None for an unknown member.
 Answer = dict[str, Any] | None
+
+
+def _expand(n: np.ndarray, *cols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Repeat each cell's columns ``n`` times, and number the copies ``k = 0..n-1``."""
+    row = np.repeat(np.arange(len(n)), n)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n)
+    return (*(c[row] for c in cols), k)
 
 
 def timestamps(us: np.ndarray) -> list[str]:
@@ -84,7 +91,7 @@ class Plays:
     video_id: np.ndarray
     genre: np.ndarray  # index into GENRES
     seconds: np.ndarray
-    device: np.ndarray  # index into DEVICES
+    device: np.ndarray | None  # index into DEVICES (when asked for)
 
 
 class World:
@@ -165,61 +172,68 @@ class World:
         return fav1, fav2
 
     def _pick_video(
-        self, m: np.ndarray, t_us: np.ndarray, phase_t: np.ndarray, keys: tuple[Any, ...],
-        streams: tuple[int, int, int],
+        self, m: np.ndarray, t_us: np.ndarray, phase_t: np.ndarray, u: tuple[np.ndarray, ...],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(video_id, genre) of plays or adds: favourite genres preferred, popular videos first."""
-        s_g, s_gu, s_v = streams
+        """(video_id, genre) of plays or adds: favourite genres preferred, popular videos first.
+
+        ``u`` holds three uniforms per event (genre source, other genre, popularity)."""
         fav1, fav2 = self._favourites(m, t_us, phase_t)
-        u = uniform(self.seed, s_g, *keys)
-        other = choice(uniform(self.seed, s_gu, *keys), np.ones(len(GENRES)))
-        genre = np.where(u < 0.55, fav1, np.where(u < 0.75, fav2, other))
-        pop = uniform(self.seed, s_v, *keys) ** 2
+        other = choice(u[1], np.ones(len(GENRES)))
+        genre = np.where(u[0] < 0.55, fav1, np.where(u[0] < 0.75, fav2, other))
+        pop = u[2] ** 2
         idx = self._genre_offset[genre] + (pop * self._genre_count[genre]).astype(np.int64)
         return self._by_genre[idx], genre
 
+    def _grid(self, m_all: np.ndarray, days: np.ndarray) -> tuple[
+        np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray
+    ]:
+        """The (member, day) grid of the known members: their positions in ``m_all``, their
+        traits (computed once per member), and per cell: the member's index, id and day."""
+        pos = np.flatnonzero(self.known(m_all))
+        tr = self._traits(m_all[pos])
+        ri = np.repeat(np.arange(len(pos)), len(days))
+        return pos, tr, ri, m_all[pos][ri], np.tile(days.astype(np.int64), len(pos))
+
     # -- plays ---------------------------------------------------------------------------------
-    def plays(self, members: Ids, start_us: int, end_us: int) -> Plays:
+    def plays(
+        self, members: Ids, start_us: int, end_us: int, *, with_device: bool = False
+    ) -> Plays:
         """Every play of ``members`` with ``start_us <= played_at_us < end_us`` (vectorized).
 
-        A play is in the world from its start (``played_at_us``) with its watched ``seconds``.
+        A play is in the world from its start (``played_at_us``) with its watched ``seconds``;
+        ``device`` (the member's device at that time) is filled when ``with_device``.
         """
         m_all = np.asarray(members, dtype=np.int64)
-        ok = self.known(m_all)
         d0, d1 = start_us // US_PER_DAY, (end_us - 1) // US_PER_DAY
-        days = np.arange(d0, d1 + 1, dtype=np.int64)
-        pos = np.repeat(np.flatnonzero(ok), len(days))
-        m = m_all[pos]
-        d = np.tile(days, int(ok.sum()))
-        tr = self._traits(m)
+        pos, tr, ri, m, d = self._grid(m_all, np.arange(d0, d1 + 1, dtype=np.int64))
         weekend = ((d + 3) % 7) >= 5  # 1970-01-01 was a Thursday
-        lam = tr["rate"] * np.where(weekend, 1.3, 1.0)
+        lam = tr["rate"][ri] * np.where(weekend, 1.3, 1.0)
         n = poisson(uniform(self.seed, _S_PLAYS_N, m, d), lam)
-        row = np.repeat(np.arange(len(m)), n)
-        k = np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n)
-        m, d = m[row], d[row]
+        ri, m, d, k = _expand(n, ri, m, d)
         t = d * US_PER_DAY + (uniform(self.seed, _S_PLAY_T, m, d, k) * US_PER_DAY).astype(np.int64)
-        keep = (t >= start_us) & (t < end_us) & (t >= tr["signup_us"][row])
-        row, m, d, k, t = row[keep], m[keep], d[keep], k[keep], t[keep]
-        phase_t = tr["phase_t"][row]
-        keys = (m, d, k)
-        video, genre = self._pick_video(m, t, phase_t, keys, (_S_PLAY_G, _S_PLAY_GU, _S_PLAY_V))
-        frac = 0.05 + 0.95 * np.sqrt(uniform(self.seed, _S_PLAY_F, *keys))
+        keep = (t >= start_us) & (t < end_us) & (t >= tr["signup_us"][ri])
+        ri, m, d, k, t = ri[keep], m[keep], d[keep], k[keep], t[keep]
+        u = uniforms4(self.seed, _S_PLAY_U, m, d, k)
+        video, genre = self._pick_video(m, t, tr["phase_t"][ri], u)
+        frac = 0.05 + 0.95 * np.sqrt(u[3])
         seconds = np.round(self.video_runtime_s[video - 1] * frac, 1)
-        sub = {key: v[row] for key, v in tr.items()}
-        device, _ = self._device_plan(m, t, sub)
-        p = pos[row]
+        device = (
+            self._device_plan(m, t, {key: v[ri] for key, v in tr.items()})[0]
+            if with_device else None
+        )
+        p = pos[ri]
         order = np.lexsort((k, t, p))
         return Plays(
             pos=p[order], played_at_us=t[order], video_id=video[order], genre=genre[order],
-            seconds=seconds[order], device=device[order],
+            seconds=seconds[order], device=None if device is None else device[order],
         )
 
     def plays_table(self, members: Ids, start_us: int, end_us: int) -> pa.Table:
         """:meth:`plays` as an Arrow table (``member_id, played_at, video_id, genre, seconds,
         device``), sorted by member then time."""
         m = np.asarray(members, dtype=np.int64)
-        p = self.plays(m, start_us, end_us)
+        p = self.plays(m, start_us, end_us, with_device=True)
+        assert p.device is not None
         return pa.table({
             "member_id": pa.array(m[p.pos], pa.int64()),
             "played_at": pa.array(p.played_at_us, TIMESTAMP_TYPE),
@@ -233,29 +247,22 @@ class World:
     def _list_items(self, m_all: np.ndarray, t_us: int) -> tuple[np.ndarray, ...]:
         """(pos, video_id, added_at_us) of the items on each member's list at ``t_us``, sorted
         by (pos, added_at) newest first; a video added twice counts from its earlier add."""
-        ok = self.known(m_all)
         dt = t_us // US_PER_DAY
-        days = np.arange(dt - _LIST_HORIZON_D, dt + 1, dtype=np.int64)
-        pos = np.repeat(np.flatnonzero(ok), len(days))
-        m = m_all[pos]
-        d = np.tile(days, int(ok.sum()))
-        tr = self._traits(m)
-        n = poisson(uniform(self.seed, _S_ADDS_N, m, d), tr["add_rate"], k_max=8)
-        row = np.repeat(np.arange(len(m)), n)
-        k = np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n)
-        m, d = m[row], d[row]
+        pos, tr, ri, m, d = self._grid(m_all, np.arange(dt - _LIST_HORIZON_D, dt + 1))
+        n = poisson(uniform(self.seed, _S_ADDS_N, m, d), tr["add_rate"][ri], k_max=8)
+        ri, m, d, k = _expand(n, ri, m, d)
         offset = (uniform(self.seed, _S_ADD_T, m, d, k) * US_PER_DAY).astype(np.int64)
         added = d * US_PER_DAY + offset
         life = np.minimum(
             -np.log1p(-uniform(self.seed, _S_ADD_LIFE, m, d, k)) * 25 * US_PER_DAY,
             _LIST_HORIZON_D * US_PER_DAY,
         ).astype(np.int64)
-        keep = (added <= t_us) & (t_us < added + life) & (added >= tr["signup_us"][row])
-        row, m, d, k, added = row[keep], m[keep], d[keep], k[keep], added[keep]
+        keep = (added <= t_us) & (t_us < added + life) & (added >= tr["signup_us"][ri])
+        ri, m, d, k, added = ri[keep], m[keep], d[keep], k[keep], added[keep]
         video, _ = self._pick_video(
-            m, added, tr["phase_t"][row], (m, d, k), (_S_ADD_G, _S_ADD_GU, _S_ADD_V)
+            m, added, tr["phase_t"][ri], uniforms4(self.seed, _S_ADD_U, m, d, k)
         )
-        p = pos[row]
+        p = pos[ri]
         order = np.lexsort((added, video, p))
         p, video, added = p[order], video[order], added[order]
         first = np.ones(len(p), bool)
