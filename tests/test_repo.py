@@ -231,3 +231,24 @@ def test_bytecode_version_without_source() -> None:
     exec(compile("def f(view):\n    return {'a', 'c'}\n", "<none>", "exec"), ns)  # noqa: S102
     e2 = encoder(inputs=[], entity_type="int64")(ns["f"])  # type: ignore[arg-type]
     assert e1.version != e2.version
+
+
+def test_encoders_pickle_by_repo_source(tmp_path: Path) -> None:
+    import pickle
+
+    p = write(tmp_path, ENC_A, "pick.py")
+    enc = FeatureRepo.load(p).encoders["n"]
+    back = pickle.loads(pickle.dumps(enc))
+    assert back.name == "n" and back.version == enc.version and back.repo_source == str(p)
+    # a fresh process (as a spawned worker or a Spark executor) rebuilds it from the file
+    code = ("import pickle, sys; from timetravel_api import View; "
+            "enc = pickle.loads(sys.stdin.buffer.read()); "
+            "print(enc.version, enc.evaluate(View.live(1, 10**15, facts={'play': [{}, {}]})))")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(enc),
+                         capture_output=True, check=True, cwd=ROOT)
+    assert out.stdout.decode().split() == [enc.version, "(2,", "'ok')"]
+    # a worker that finds other code under that path refuses, rather than run other code
+    p.write_text(p.read_text() + "\n# changed\n")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(enc),
+                         capture_output=True, cwd=ROOT)
+    assert out.returncode != 0 and b"the repo changed" in out.stderr

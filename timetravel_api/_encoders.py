@@ -180,6 +180,8 @@ class Encoder:
         self.batch_fn: Callable[[Batch], Any] | None = None
         self.json_fields: dict[str, tuple[str, ...]] = {}
         self._module_source = _module_source(fn)
+        #: Where the repo that declares it was loaded from (set by ``FeatureRepo.load``).
+        self.repo_source: str | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     # -- declaration ---------------------------------------------------------------------------
@@ -306,6 +308,13 @@ class Encoder:
         h.update(self._module_source)
         return h.hexdigest()[:16]
 
+    def __reduce__(self) -> Any:
+        # An encoder of a repo loaded from a file lives in a module only this process has; a
+        # worker process (spawned, or a Spark executor) loads the repo again by its source.
+        if self.repo_source:
+            return (_encoder_from_repo, (self.repo_source, self.name, self.version))
+        return super().__reduce__()
+
     def __repr__(self) -> str:
         return f"Encoder({self.name!r}, inputs={list(self.inputs)!r}, output={self.output!r})"
 
@@ -333,6 +342,24 @@ def encoder(
         return Encoder(fn, inputs=inputs, output=output, name=name, entity_type=entity_type)
 
     return wrap
+
+
+def _encoder_from_repo(source: str, name: str, version: str) -> Encoder:
+    from ._errors import RepoError
+    from ._repo import FeatureRepo
+
+    for fresh in (False, True):
+        repo = None if fresh else _REPOS.get(source)
+        if repo is None:
+            repo = _REPOS[source] = FeatureRepo.load(source)
+        enc = repo.encoders.get(name)
+        if enc is not None and enc.version == version:
+            return enc
+    raise RepoError(f"feature repo {source}: encoder {name!r} version {version} is not the "
+                    "one this process loads (the repo changed)", code="repo_invalid")
+
+
+_REPOS: dict[str, Any] = {}
 
 
 # -- versions ------------------------------------------------------------------------------------

@@ -74,7 +74,11 @@ class FeatureRepo:
                                 code="repo_not_found")
         text = os.fspath(path)
         module = _import(text)
-        return cls.from_module(module, source=text)
+        repo = cls.from_module(module, source=text)
+        where = str(Path(text).resolve()) if Path(text).exists() else text
+        for enc in repo.encoders.values():
+            enc.repo_source = where
+        return repo
 
     @classmethod
     def from_module(cls, module: ModuleType, *, source: str | None = None) -> FeatureRepo:
