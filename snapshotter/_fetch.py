@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -250,11 +251,10 @@ class ServiceFetcher:
                     kind: str | None = "invalid_json"
                     break
                 for k, e in enumerate(ids):
-                    v = results.get(str(e))
+                    v, raw = results.get(str(e), (None, ""))
                     if v is None:
                         r = FetchResult(e, "missing", None, None, a.latency_s, attempts, None)
                     elif isinstance(v, dict):
-                        raw = json.dumps(v, separators=(",", ":"))
                         r = FetchResult(e, "ok", v, raw, a.latency_s, attempts, None)
                     else:
                         bad = "invalid_json"
@@ -357,15 +357,77 @@ def _json_id(e: int | str) -> int | str:
     return str(e)
 
 
-def _batch_results(body: bytes | None) -> dict[str, Any] | None:
-    """The ``results`` object of a batch answer, or None when the answer is not one."""
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+_scanstring: Any = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _skip(text: str, i: int) -> int:
+    """The position after any JSON whitespace at ``i``."""
+    m = _WS.match(text, i)
+    return i if m is None else m.end()
+
+
+def _batch_results(body: bytes | None) -> dict[str, tuple[Any, str]] | None:
+    """The ``results`` of a batch answer as ``{id: (value, its JSON text)}``, or None when the
+    answer is not ``{"results": {...}}``.
+
+    Each value's text is the slice of the answer it was parsed from, so ``raw_json`` is what the
+    service sent, and no row is serialized again; an answer of another shape (more keys, odd
+    order) falls back to a full parse.
+    """
     if body is None:
         return None
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
         return None
-    if not isinstance(doc, dict):
+    try:
+        fast = _scan_results(text)
+    except (json.JSONDecodeError, ValueError, IndexError):
+        fast = None
+    if fast is not None:
+        return fast
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
         return None
-    results = doc.get("results")
-    return results if isinstance(results, dict) else None
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, dict):
+        return None
+    return {k: (v, json.dumps(v, separators=(",", ":"))) for k, v in results.items()}
+
+
+def _scan_results(text: str) -> dict[str, tuple[Any, str]] | None:
+    """Scan exactly ``{"results": {"<id>": <value>, ...}}``, keeping each value's text."""
+    def expect(i: int, token: str) -> int:
+        i = _skip(text, i)
+        if not text.startswith(token, i):
+            raise ValueError(token)
+        return _skip(text, i + len(token))
+
+    i = expect(0, "{")
+    i = expect(i, '"results"')
+    i = expect(i, ":")
+    i = expect(i, "{")
+    out: dict[str, tuple[Any, str]] = {}
+    if text.startswith("}", i):
+        i += 1
+    else:
+        while True:
+            if not text.startswith('"', i):
+                return None
+            key, i = _scanstring(text, i + 1)
+            i = expect(i, ":")
+            value, end = _DECODER.raw_decode(text, i)
+            out[key] = (value, text[i:end])
+            i = _skip(text, end)
+            if text.startswith(",", i):
+                i = _skip(text, i + 1)
+                continue
+            if text.startswith("}", i):
+                i += 1
+                break
+            return None
+    i = expect(i, "}")
+    return out if i == len(text) else None

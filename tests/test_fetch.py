@@ -237,9 +237,14 @@ async def test_invalid_answers(aiohttp_server) -> None:
         return web.json_response({"results": {str(i): (7 if i == "b" else {"id": i})
                                               for i in ids if i != "c"}})
 
+    async def batch_other_shape(request: web.Request) -> web.Response:
+        ids = (await request.json())["ids"]
+        return web.json_response({"meta": {"n": len(ids)}, "results": {i: {"id": i} for i in ids}})
+
     app = web.Application()
     app.router.add_get("/x/{id}", one)
     app.router.add_post("/x:batch", batch)
+    app.router.add_post("/x:batch2", batch_other_shape)
     server = await aiohttp_server(app)
     base = f"http://127.0.0.1:{server.port}"
     config = ServiceConfig(name="x", url=base + "/x/{entity_id}", entity_type="string")
@@ -255,6 +260,13 @@ async def test_invalid_answers(aiohttp_server) -> None:
     assert [(r.status, r.error_kind) for r in got] == [
         ("ok", None), ("error", "invalid_json"), ("missing", None)]
     assert got[0].payload == {"id": "a"}
+    assert got[0].raw_json == '{"id": "a"}'  # the service's own text, not re-serialized
+    config = ServiceConfig(name="x", url=base + "/x/{entity_id}", batch_url=base + "/x:batch2",
+                           entity_type="string")
+    async with ServiceFetcher(config) as fetcher:
+        got = await fetcher.fetch(["a", "b"])
+    assert [(r.status, r.payload, json.loads(r.raw_json)) for r in got] == [
+        ("ok", {"id": "a"}, {"id": "a"}), ("ok", {"id": "b"}, {"id": "b"})]
 
 
 # -- the QPS limit ------------------------------------------------------------------------------
