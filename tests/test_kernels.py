@@ -195,7 +195,7 @@ def scenarios(draw: Any) -> tuple[FactType, list[dict[str, Any]], list[tuple[Any
     return ft, facts, queries, windows
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios(), knowledge=st.sampled_from(["as_known", "event"]),
        rank_keys=st.booleans(), max_pairs=st.sampled_from([None, 3]))
 def test_kernel_matches_reference(scenario, knowledge, rank_keys, max_pairs):
@@ -341,3 +341,44 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="not built-in fact features"):
         fact_features(table, snap, pa.array([1]), at, knowledge="event",
                       lookback_us=None, entity_col="member_id")
+
+
+def test_last_and_first_skip_facts_logged_after_t():
+    ft = fact_type("int64")
+    facts = [_fact(0, 1, T0, la=T0 + 5 * S, x=1.0),             # logged exactly at the query
+             _fact(1, 1, T0 + 1 * S, la=T0 + 10 * S, x=2.0),    # late: invisible at T0+5s
+             _fact(2, 1, T0 + 2 * S, la=T0 + 5 * S, x=3.0),
+             _fact(3, 1, T0 + 3 * S, la=T0 + 10 * S, x=4.0)]
+    names = ["tt.x", "tt.x.first.1d", "tt.time_since_last", "tt.x.max.1d", "tt.x.count.1d"]
+    got = run(ft, facts, names, [(1, T0 + 5 * S), (1, T0 + 5 * S - 1), (1, T0 + 10 * S)])
+    assert got["tt.x"][0] == [3.0, None, 4.0]
+    assert got["tt.x.first.1d"][0] == [1.0, None, 1.0]
+    assert got["tt.time_since_last"][0] == [3.0, None, 7.0]
+    assert got["tt.x.max.1d"][0] == [3.0, None, 4.0]
+    assert got["tt.x.count.1d"][0] == [2, 0, 4]
+
+
+def test_float_edge_values_in_min_max_and_distinct():
+    ft = fact_type("int64")
+    other_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8_0000_0000_0001))[0]  # -NaN payload
+    xs = [0.0, -0.0, math.nan, other_nan, 1.0, -math.inf]
+    facts = [_fact(k, 1, T0 + k * S, x=x) for k, x in enumerate(xs)]
+    names = ["tt.x.distinct_count.1d", "tt.x.min.1d", "tt.x.max.1d", "tt.x.min.2s"]
+    got = run(ft, facts, names, [(1, T0 + 1 * S), (1, T0 + 3 * S), (1, T0 + 5 * S)])
+    assert got["tt.x.distinct_count.1d"][0] == [1, 2, 4]  # 0.0 == -0.0; NaNs are one value
+    mins, maxs = got["tt.x.min.1d"][0], got["tt.x.max.1d"][0]
+    assert same(mins[0], -0.0) and same(maxs[0], 0.0)  # -0.0 sorts below 0.0
+    assert same(mins[2], -math.inf) and math.isnan(maxs[2])  # NaN sorts above everything
+    assert math.isnan(got["tt.x.min.2s"][0][1])  # (t-2s, t] holds only the two NaNs
+
+
+def test_fact_logged_one_microsecond_after_t_is_invisible():
+    ft = fact_type("int64")
+    facts = [_fact(0, 1, T0, la=T0 + S, x=1.0), _fact(1, 1, T0 + S, x=2.0)]
+    names = ["tt.count.1d", "tt.x.sum.1d", "tt.x.count.1d", "tt.x.distinct_count.1d", "tt.x"]
+    got = run(ft, facts, names, [(1, T0 + S - 1), (1, T0 + S)])
+    assert got["tt.count.1d"][0] == [0, 2]
+    assert got["tt.x.sum.1d"] == ([None, 3.0], ["missing", "ok"])
+    assert got["tt.x.count.1d"][0] == [0, 2]
+    assert got["tt.x.distinct_count.1d"][0] == [0, 2]
+    assert got["tt.x"][0] == [None, 2.0]

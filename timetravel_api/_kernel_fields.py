@@ -6,8 +6,6 @@ positions to positions among them with a prefix count of non-null flags (exact i
 corrections: for the few rows whose window holds a value logged after ``t``, the positions that
 remain visible.
 
-Every numpy array here that windows reduce over has one trailing sentinel slot, so
-``ufunc.reduceat`` can take a range end equal to the number of real values without a copy.
 """
 
 from __future__ import annotations
@@ -29,14 +27,6 @@ from ._segments import (
 _INT64_MIN = np.iinfo(np.int64).min
 #: int64 window sums whose sum of magnitudes reaches this are recomputed with Python ints.
 _EXACT_INT_LIMIT = float(1 << 62)
-
-
-def with_sentinel(a: np.ndarray) -> np.ndarray:
-    """``a`` plus one trailing slot (a copy of its first value, or zero)."""
-    out = np.empty(len(a) + 1, dtype=a.dtype)
-    out[:-1] = a
-    out[-1] = a[0] if len(a) else np.zeros(1, dtype=a.dtype)[0]
-    return out
 
 
 @dataclass(frozen=True)
@@ -94,15 +84,15 @@ def reduce_visible(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``ufunc`` over each row's visible values (in order), and how many there were.
 
-    ``values`` is indexed by the positions of ``vis`` (with a sentinel slot); rows with no
-    visible value get ``empty``.
+    ``values`` is indexed by the positions of ``vis``; rows with no visible value get
+    ``empty``.
     """
     with np.errstate(all="ignore"):
         res = segment_reduce(ufunc, values, vis.lo, vis.hi, empty=empty)
         cnt = vis.counts()
         if len(vis.aff):
             starts = segment_starts(vis.kept_counts)
-            sub = with_sentinel(values[vis.kept])
+            sub = values[vis.kept]
             res[vis.aff] = segment_reduce(ufunc, sub, starts, starts + vis.kept_counts,
                                           empty=empty)
     return res, cnt
@@ -131,7 +121,7 @@ class FieldData:
             np.cumsum(valid, out=prefix[1:])
             self._prefix = prefix
             self.values = pc.drop_null(col)
-        self.logged = with_sentinel(logged[self.index])
+        self.logged = logged if self._prefix is None else logged[self.index]
         self._order_keys: np.ndarray | None = None
         self._representative: np.ndarray | None = None
         self._distinct: tuple[np.ndarray, int] | None = None
@@ -153,19 +143,19 @@ class FieldData:
         ``np.add.reduceat`` in fact order; int64 and bool sum exactly, then round once."""
         v = self._numpy()
         if v.dtype == np.float64:
-            return reduce_visible(vis, with_sentinel(v), np.add, empty=0.0)
+            return reduce_visible(vis, v, np.add, empty=0.0)
         v = v.astype(np.int64)
-        total, cnt = reduce_visible(vis, with_sentinel(v), np.add, empty=0)
+        total, cnt = reduce_visible(vis, v, np.add, empty=0)
         out = total.astype(np.float64)
         if not len(v) or not len(cnt):
             return out, cnt
         magnitude = np.abs(v.astype(np.float64))
         if float(magnitude.max()) * float(cnt.max()) < _EXACT_INT_LIMIT:
             return out, cnt
-        bound, _ = reduce_visible(vis, with_sentinel(magnitude), np.add, empty=0.0)
+        bound, _ = reduce_visible(vis, magnitude, np.add, empty=0.0)
         risky = np.flatnonzero(bound >= _EXACT_INT_LIMIT)
         if len(risky):
-            exact, _ = reduce_visible(vis.subset(risky), with_sentinel(v.astype(object)),
+            exact, _ = reduce_visible(vis.subset(risky), v.astype(object),
                                       np.add, empty=0)
             out[risky] = exact.astype(np.float64)
         return out, cnt
@@ -173,14 +163,14 @@ class FieldData:
     # -- min / max -------------------------------------------------------------------------------
     def order_keys(self) -> np.ndarray:
         """int64 keys ordered like the values (floats: NaN greatest, -0.0 < 0.0; strings:
-        dense ranks in code point order), with a sentinel slot."""
+        dense ranks in code point order)."""
         if self._order_keys is None:
             if pa.types.is_string(self.values.type) or pa.types.is_large_string(self.values.type):
                 keys = self._string_ranks()
             else:
                 v = self._numpy()
                 keys = float_order_keys(v) if v.dtype == np.float64 else v.astype(np.int64)
-            self._order_keys = with_sentinel(keys)
+            self._order_keys = keys
         return self._order_keys
 
     def from_order_keys(self, keys: np.ndarray) -> np.ndarray:

@@ -32,20 +32,31 @@ def segment_reduce(
     Cost is linear in ``len(values)`` plus the total segment length when ``lo`` and ``hi`` are
     non-decreasing; unsorted segments are correct but can be slow.
     """
-    k = len(lo)
-    out = np.full(k, empty, dtype=values.dtype)
-    nonempty = hi > lo
-    if not nonempty.any():
+    n = len(values)
+    out = np.full(len(lo), empty, dtype=values.dtype)
+    rows = np.flatnonzero(hi > lo)
+    if not rows.size:
         return out
-    lo_ne = lo[nonempty]
-    hi_ne = hi[nonempty]
-    if int(hi_ne.max()) >= len(values):
-        # reduceat needs every index < len(values); callers normally leave a sentinel slot.
-        values = np.concatenate([values, values[:1]])
-    idx = np.empty(2 * len(lo_ne), dtype=np.intp)
-    idx[0::2] = lo_ne
-    idx[1::2] = hi_ne
-    out[nonempty] = ufunc.reduceat(values, idx)[0::2]
+    # reduceat takes only indices < n, so segments that end at n reduce over a copy of the
+    # array's tail with one spare slot (with sorted segments, the tail is one entity's facts).
+    to_end = hi[rows] >= n
+    inner, tail = rows[~to_end], rows[to_end]
+    if inner.size:
+        out[inner] = _reduceat(ufunc, values, lo[inner], hi[inner])
+    if tail.size:
+        start = int(lo[tail].min())
+        part = np.empty(n - start + 1, dtype=values.dtype)
+        part[:-1] = values[start:]
+        part[-1] = values[start]
+        out[tail] = _reduceat(ufunc, part, lo[tail] - start, hi[tail] - start)
+    return out
+
+
+def _reduceat(ufunc: np.ufunc, values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    idx = np.empty(2 * len(lo), dtype=np.intp)
+    idx[0::2] = lo
+    idx[1::2] = hi
+    out: np.ndarray = ufunc.reduceat(values, idx)[0::2]
     return out
 
 
