@@ -50,6 +50,7 @@ _DEVICE_EPOCH_US = 30 * US_PER_DAY
 _TASTE_EPOCH_US = 21 * US_PER_DAY
 _LIST_HORIZON_D = 90
 HISTORY_WINDOW_D = 30
+_CHUNK = 4096  # members per vectorized pass of the truth functions
 RECENT_PLAYS = 10
 
 # Random streams: one per kind of draw, so no two draws share a hash input.
@@ -305,6 +306,9 @@ class World:
         """Each member's viewing history at ``t_us``: plays of the last 30 days (``(t - 30d,
         t]``) summarized, and the ``RECENT_PLAYS`` newest, newest first (None for unknown)."""
         m_all = np.asarray(members, dtype=np.int64)
+        if len(m_all) > _CHUNK:  # bounded memory for whole populations
+            return [a for lo in range(0, len(m_all), _CHUNK)
+                    for a in self.viewing_histories(m_all[lo:lo + _CHUNK], t_us)]
         p = self.plays(m_all, t_us - HISTORY_WINDOW_D * US_PER_DAY + 1, t_us + 1)
         n = len(m_all)
         count = np.bincount(p.pos, minlength=n)
@@ -346,6 +350,9 @@ class World:
     def my_lists(self, members: Ids, t_us: int) -> list[Answer]:
         """Each member's list at ``t_us``, newest first (None for an unknown id)."""
         m_all = np.asarray(members, dtype=np.int64)
+        if len(m_all) > _CHUNK:
+            return [a for lo in range(0, len(m_all), _CHUNK)
+                    for a in self.my_lists(m_all[lo:lo + _CHUNK], t_us)]
         p, video, added = self._list_items(m_all, t_us)
         n = len(m_all)
         counts = np.bincount(p, minlength=n).tolist()

@@ -95,6 +95,16 @@ def test_one_member_alone_equals_the_same_member_in_a_batch() -> None:
     assert w.viewing_history(-3, t) is None
 
 
+def test_whole_populations_are_answered_in_chunks_with_the_same_answers() -> None:
+    w = World(seed=8, members=4500, start_us=T0)
+    ids = np.arange(1, 4501)
+    t = T0 + 3 * US_PER_DAY
+    for many in (w.viewing_histories, w.my_lists):
+        whole = many(ids, t)
+        parts = [a for lo in range(0, 4500, 1000) for a in many(ids[lo:lo + 1000], t)]
+        assert whole == parts and all(a is not None for a in whole)
+
+
 def test_viewing_history_is_the_plays_of_the_last_30_days() -> None:
     """Brute force: re-aggregate the world's plays in plain Python and compare."""
     w = World(seed=5, members=MEMBERS, start_us=T0)
