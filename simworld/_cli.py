@@ -1,4 +1,5 @@
-"""``timetravel demo``: the main job, end to end, on a local store by default."""
+"""``timetravel demo`` (the main job, end to end, on a local store by default) and
+``timetravel up`` (the whole stack on loopback)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,33 @@ def register(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=7, help="random seed (7)")
     demo.set_defaults(handler=_demo)
 
+    up: argparse.ArgumentParser = sub.add_parser(
+        "up",
+        help="start the whole stack locally, on loopback, to try the APIs by hand",
+        description="Start the ingest server, the query API and (with services) the snapshot "
+        "scheduler, optionally the simulated world (--with-sim) and a moto S3 server (--s3), all "
+        "on 127.0.0.1. Prints the URLs; Ctrl-C stops everything. Auth is off unless "
+        "--tokens-file is given.",
+    )
+    add_common_options(up, now=True)
+    up.add_argument("--ingest-port", type=int, default=8081, help="ingest server port (8081)")
+    up.add_argument("--api-port", type=int, default=8080, help="query API port (8080)")
+    up.add_argument("--tokens-file", default=None, help="turn auth on with this tokens file")
+    up.add_argument("--with-sim", action="store_true",
+                    help="also run the simulated world, select a panel from its population, "
+                    "and snapshot it on a schedule")
+    up.add_argument("--sim-port", type=int, default=9001, help="simulated world port (9001)")
+    up.add_argument("--sim-members", type=int, default=10_000, help="simulated members (10000)")
+    up.add_argument("--sim-rate", type=float, default=1.0,
+                    help="simulated seconds per wall second (1.0)")
+    up.add_argument("--s3", action="store_true",
+                    help="run a moto S3 server and use s3://timetravel/data as the store")
+    up.add_argument("--s3-port", type=int, default=9000, help="moto S3 port (9000)")
+    up.add_argument("--services", default=None,
+                    help="services TOML for the scheduler (default: none, or the sim's)")
+    up.add_argument("--every", default="12h", help="snapshot cadence (12h)")
+    up.set_defaults(handler=_up)
+
 
 def _demo(args: argparse.Namespace) -> int:
     if args.members < 1 or args.days < 1:
@@ -35,3 +63,14 @@ def _demo(args: argparse.Namespace) -> int:
         open_store(args), members=args.members, days=args.days, seed=args.seed, start_us=start_us
     )
     return 0 if result.read_back == result.logged and result.duplicates == 0 else 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    from ._up import UpConfig, run_up  # noqa: PLC0415
+
+    return run_up(UpConfig(
+        store=args.store, ingest_port=args.ingest_port, api_port=args.api_port,
+        tokens_file=args.tokens_file, with_sim=args.with_sim, sim_port=args.sim_port,
+        sim_members=args.sim_members, sim_rate=args.sim_rate, s3=args.s3, s3_port=args.s3_port,
+        services=args.services, every=args.every, now=args.now,
+    ))
