@@ -225,7 +225,7 @@ def test_snapshot_inputs_and_status() -> None:
 
 def test_same_callable_on_a_live_view() -> None:
     mins = REPO.encoders["minutes_7d"]
-    fetched = [{"seconds": 30.0, "event_time": "2027-01-01T00:00:00Z",
+    fetched: list[dict[str, Any]] = [{"seconds": 30.0, "event_time": "2027-01-01T00:00:00Z",
                 "logged_at": "2027-01-01T00:00:00Z", "fact_id": "a"},
                {"seconds": 999.0, "event_time": "2026-12-01T00:00:00Z"},  # outside 7d
                {"seconds": 50.0, "event_time": "2027-01-01T00:00:01Z",

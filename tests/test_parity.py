@@ -135,7 +135,7 @@ def test_skewed_online_encoder_is_reported(local_store: Store, tmp_path: Path) -
 
     def skewed_fn(view: View) -> float:  # a "fix" deployed online only: +1 past two plays
         secs = [f["seconds"] for f in view.facts("playback") if f["seconds"] is not None]
-        return sum(secs) / 60 + (1.0 if len(secs) > 2 else 0.0)
+        return float(sum(secs)) / 60 + (1.0 if len(secs) > 2 else 0.0)
 
     skewed = Encoder(skewed_fn, inputs=real.inputs, output="float64", name="minutes_7d")
     svc = simulate(local_store, tmp_path, repo, requests=40, seed=3,
