@@ -51,7 +51,7 @@ _TASTE_EPOCH_US = 21 * US_PER_DAY
 _LIST_HORIZON_D = 90
 HISTORY_WINDOW_D = 30
 _CHUNK = 4096  # members per vectorized pass of the truth functions
-RECENT_PLAYS = 10
+RECENT_PLAYS = 5
 
 # Random streams: one per kind of draw, so no two draws share a hash input.
 (_S_REGION, _S_ACTIVITY, _S_RATE, _S_TENURE, _S_DEVICE, _S_DEVICE_SW, _S_DEVICE_NEW, _S_PLAN,
@@ -304,7 +304,8 @@ class World:
 
     def viewing_histories(self, members: Ids, t_us: int) -> list[Answer]:
         """Each member's viewing history at ``t_us``: plays of the last 30 days (``(t - 30d,
-        t]``) summarized, and the ``RECENT_PLAYS`` newest, newest first (None for unknown)."""
+        t]``) summarized (counts, seconds in 7 and 30 days, seconds per genre, the top genre),
+        and the ``RECENT_PLAYS`` newest plays, newest first (None for an unknown id)."""
         m_all = np.asarray(members, dtype=np.int64)
         if len(m_all) > _CHUNK:  # bounded memory for whole populations
             return [a for lo in range(0, len(m_all), _CHUNK)
@@ -328,6 +329,7 @@ class World:
         at_arr[newest] = timestamps(p.played_at_us[newest])
         at = at_arr.tolist()
         top_name = np.asarray(GENRES, dtype=object)[top].tolist()
+        genre_secs = np.round(by_genre, 1).tolist()
         s30, s7 = np.round(secs30, 1).tolist(), np.round(secs7, 1).tolist()
         out: list[Answer] = [None] * n
         for i in np.flatnonzero(self.known(m_all)).tolist():
@@ -342,6 +344,9 @@ class World:
                 "seconds_30d": s30[i],
                 "seconds_7d": s7[i],
                 "top_genre_30d": top_name[i] if counts[i] else None,
+                "genre_seconds_30d": {
+                    g: x for g, x in zip(GENRES, genre_secs[i], strict=True) if x > 0
+                },
                 "last_played_at": at[hi - 1] if hi > lo else None,
                 "recent": recent,
             }

@@ -28,6 +28,7 @@ from simworld import (
     spawn_world,
 )
 from simworld._services import window_figures
+from simworld._world import RECENT_PLAYS
 from snapshotter import parse_services
 from ttstore import US_PER_DAY, format_timestamp, parse_timestamp
 
@@ -123,7 +124,7 @@ def test_viewing_history_is_the_plays_of_the_last_30_days() -> None:
         assert h["seconds_30d"] == pytest.approx(sum(p["seconds"] for p in plays), abs=0.06)
         week = [p for p in plays if p["played_at"].timestamp() * 1e6 > t - 7 * US_PER_DAY]
         assert h["seconds_7d"] == pytest.approx(sum(p["seconds"] for p in week), abs=0.06)
-        newest = plays[::-1][:10]
+        newest = plays[::-1][:RECENT_PLAYS]
         assert [r["video_id"] for r in h["recent"]] == [p["video_id"] for p in newest]
         assert [r["played_at"] for r in h["recent"]] == [
             p["played_at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ") for p in newest
@@ -135,9 +136,13 @@ def test_viewing_history_is_the_plays_of_the_last_30_days() -> None:
                 secs[p["genre"]] += p["seconds"]
             best = max(secs.values())
             assert h["top_genre_30d"] == min(g for g, s in secs.items() if s == best)
+            assert h["genre_seconds_30d"].keys() == {g for g, s in secs.items() if s >= 0.05}
+            for g, s in h["genre_seconds_30d"].items():
+                assert s == pytest.approx(secs[g], abs=0.06)
             assert h["last_played_at"] == h["recent"][0]["played_at"]
         else:
             assert h["top_genre_30d"] is None and h["last_played_at"] is None
+            assert h["genre_seconds_30d"] == {} and h["recent"] == []
     assert active > 20  # the check is not vacuous
 
 
