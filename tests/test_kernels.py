@@ -318,6 +318,9 @@ def test_bad_inputs():
     with pytest.raises(EntityTypeMismatch):
         fact_features(table, specs, pa.array(["1"]), at, knowledge="as_known",
                       lookback_us=None, entity_col="member_id")
+    with pytest.raises(InvalidInput, match="do not fit"):
+        fact_features(table, specs, pa.array([2**64 - 1], pa.uint64()), at, knowledge="event",
+                      lookback_us=None, entity_col="member_id")
     with pytest.raises(InvalidInput, match="knowledge"):
         fact_features(table, specs, pa.array([1]), at, knowledge="later",  # type: ignore
                       lookback_us=None, entity_col="member_id")

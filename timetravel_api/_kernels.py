@@ -57,6 +57,8 @@ from ._segments import last_visible
 Knowledge = Literal["as_known", "event"]
 KNOWLEDGE_MODES: tuple[str, ...] = ("as_known", "event")
 
+#: numpy dtype of the status arrays (``"ok"`` / ``"missing"``).
+STATUS_DTYPE = np.dtype("<U7")
 #: Windows/lookbacks at least this long reach back to the start of every entity's history.
 UNBOUNDED_US = 1 << 62
 #: Above this ``blocks * event_time span`` the position keys use event_time ranks instead.
@@ -305,14 +307,14 @@ class _Kernel:
         full[self.rows] = vals
         if has is None:  # counts: 0 for unknown entities, always ok
             arr = pa.array(full, type=pa.int64())
-            return FeatureColumn(arr, np.full(self.m, "ok"))
+            return FeatureColumn(arr, np.full(self.m, "ok", dtype=STATUS_DTYPE))
         valid = np.zeros(self.m, dtype=bool)
         valid[self.rows] = has
         if pa.types.is_timestamp(out_type):
             arr = pa.array(full.astype(np.int64), mask=~valid).cast(out_type)
         else:
             arr = pa.array(full, mask=~valid, type=out_type)
-        return FeatureColumn(arr, np.where(valid, "ok", "missing"),
+        return FeatureColumn(arr, np.where(valid, "ok", "missing").astype(STATUS_DTYPE),
                              self._scatter_index(fact_index) if provenance else None)
 
     def _take(
@@ -321,7 +323,7 @@ class _Kernel:
         full = self._scatter_index(idx)
         missing = full < 0
         vals = column.take(pa.array(full, mask=missing))
-        return FeatureColumn(vals, np.where(missing, "missing", "ok"),
+        return FeatureColumn(vals, np.where(missing, "missing", "ok").astype(STATUS_DTYPE),
                              full if provenance else None)
 
     def _scatter_index(self, idx: np.ndarray | None) -> np.ndarray:
@@ -411,7 +413,10 @@ def _query_entities(
             {str(want): [entity_col], str(arr.type): ["query entities"]},
             message=f"entity keys of {entity_col!r} are {want}, the query gave {arr.type}",
         )
-    return arr.cast(want)
+    try:
+        return arr.cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InvalidInput(f"entity keys do not fit {want}: {exc}", field="entity_id") from exc
 
 
 def _is_string(t: pa.DataType) -> bool:
