@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from factlog import FactTypeCatalog
 from timetravel_api import FeatureRepo, encoder
 from timetravel_api._errors import EncoderDefinitionError, RepoError
 from timetravel_api._features import parse_features
+from ttstore import Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "feature_repo.py"
 ROOT = Path(__file__).parent.parent
@@ -252,3 +254,12 @@ def test_encoders_pickle_by_repo_source(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(enc),
                          capture_output=True, cwd=ROOT)
     assert out.returncode != 0 and b"the repo changed" in out.stderr
+
+
+def test_declare_fact_types_in_the_store(local_store: Store) -> None:
+    repo = FeatureRepo.load(FIXTURE)
+    first = repo.declare(local_store)
+    assert [(d.fact_type.name, d.version, d.created) for d in first] == [
+        ("playback", 1, True), ("search", 1, True), ("rating", 1, True)]
+    assert [d.created for d in repo.declare(local_store)] == [False] * 3
+    assert FactTypeCatalog(local_store).get("search").lookback == "3d"

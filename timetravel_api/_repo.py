@@ -27,8 +27,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from factlog import FactType
+from factlog import Declared, FactType, FactTypeCatalog
 from snapshotter import ServiceConfig, ServiceConfigError
+from ttstore import Store
 
 from ._encoders import Encoder
 from ._errors import EncoderDefinitionError, RepoError
@@ -114,6 +115,16 @@ class FeatureRepo:
             except EncoderDefinitionError as exc:
                 raise RepoError(f"{_where(source)}{exc.message}", code="repo_invalid") from None
         return cls(source=source, fact_types=fts, services=svcs, encoders=encs)
+
+    def declare(self, store: Store | str) -> list[Declared]:
+        """Declare (or check) every fact type of the repo in ``store``'s catalog.
+
+        Raises:
+            FactTypeError: an incompatible change to a stored fact type, naming the field.
+            StoreUnavailable: the store could not be written.
+        """
+        st = store if isinstance(store, Store) else Store(store)
+        return FactTypeCatalog(st).declare_all(self.fact_types.values())
 
     @property
     def versions(self) -> dict[str, str]:
