@@ -8,9 +8,10 @@ One call (:meth:`Engine.features`):
    largest window or lookback (no lower bound when one is unbounded) to ``max(at)``, only the
    queried entities (row groups of compacted files are pruned by their entity statistics), only
    the fields used, and in ``as_known`` mode nothing logged after ``max(at)``;
-3. runs the fact kernels per entity-hash bucket (:mod:`._partition`): in-process for small
-   batches, over a process pool for big ones, or on Spark (:mod:`._spark`), always the same pure
-   function, so the answer is byte for byte the same;
+3. runs the fact kernels (:mod:`._partition`): in-process for small batches; for big ones per
+   entity bucket over a process pool, or on Spark (:mod:`._spark`), where each worker reads its
+   bucket's facts itself. Always the same pure function, so the answer is byte for byte the
+   same;
 4. reads snapshot features with the as-of snapshot reader (value, status, weight);
 5. adds the completeness flag (producer watermarks), provenance on request, and the lineage.
 """
@@ -47,7 +48,8 @@ from ._partition import (
     SYSTEM_FACT_COLUMNS,
     FactGroup,
     PartitionPlan,
-    run_partitions,
+    compute_partition,
+    run_pool,
 )
 
 STATUSES = ("ok", "missing", "stale", "not_sampled", "error")
@@ -202,12 +204,12 @@ class Engine:
             from ._spark import run_spark  # noqa: PLC0415
 
             wire = run_spark(self.store.url, queries, plan, workers=self.workers)
+        elif len(ent) >= self.parallel_min_rows and self.workers > 1:
+            wire = run_pool(self.store.url, queries, plan, workers=self.workers,
+                            progress=progress)
         else:
-            parallel = len(ent) >= self.parallel_min_rows and self.workers > 1
-            facts = self._read_facts(plan, ent)
-            wire = run_partitions(facts, queries, plan, workers=self.workers,
-                                  parallel=parallel, progress=progress)
-        if progress is not None and engine == "spark":
+            wire = compute_partition(self._read_facts(plan, ent), queries, plan)
+        if progress is not None:
             progress(1.0)
         return self._assemble(specs, plan, ent, at_us, wire, lineage)
 

@@ -1,12 +1,14 @@
-"""The engine's unit of parallel work: one entity-hash bucket, Arrow in, Arrow out.
+"""The engine's unit of parallel work: one entity bucket, Arrow in, Arrow out.
 
 :func:`compute_partition` is a pure function: the facts of each fact type for a set of entities
 (sorted as :meth:`factlog.FactReader.scan` returns them) plus the query rows of those entities
 in, one value and one status column per fact feature out, keyed by the query row number. It
 touches no store and holds no state, so the same call runs in-process, in a process pool, and
-inside Spark's ``mapInArrow`` (where :func:`read_and_compute` first reads the bucket's facts
-through the store). The kernels compute each entity from its own facts only, so how rows are
-bucketed never changes an answer, and results come back byte for byte the same.
+inside Spark's ``mapInArrow``; in a pool worker or a Spark executor :func:`read_and_compute`
+first reads the bucket's facts through the store (buckets are entity ranges, see
+:func:`entity_buckets`, so a worker reads only its own row groups of compacted files). The
+kernels compute each entity from its own facts only, so how rows are bucketed never changes an
+answer, and results come back byte for byte the same.
 
 The "wire" table (what a partition returns) has columns ``__row`` (int64, the query row), then
 for feature number ``i`` (its position in the request): ``v<i>`` (the value; timestamps as
@@ -30,8 +32,6 @@ import pyarrow as pa
 from ._features import FeatureSpec, output_type
 from ._kernels import Knowledge, fact_feature_columns
 
-#: Seed of the entity-hash bucketing (any fixed value; buckets never change answers).
-BUCKET_SEED = 0x7174_7469_6D65
 ROW = "__row"
 ENTITY = "entity"
 AT = "at"
@@ -157,14 +157,23 @@ def _provenance_spec(spec: FeatureSpec, i: int) -> FeatureSpec | None:
                                output_type=output_type("last", spec.field_type))
 
 
-def bucket_of(entities: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
-    """The entity-hash bucket (0 .. n_buckets-1) of every key; the same in every process."""
-    from snapshotter import entity_hash  # noqa: PLC0415  (a heavy import; only when bucketing)
+def entity_buckets(entities: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
+    """The bucket (0 .. n_buckets-1) of every key: contiguous ranges of the sorted keys, with
+    about as many query rows in each.
 
-    if n_buckets <= 1:
-        return np.zeros(len(entities), dtype=np.int64)
-    h = entity_hash(entities, BUCKET_SEED)
-    out: np.ndarray = (h % np.uint64(n_buckets)).astype(np.int64)
+    Ranges rather than hashes, because compacted fact files are sorted by entity: a bucket's
+    facts then sit in a few row groups, which a worker reads alone (row groups are chosen by
+    their entity statistics). Every copy of one key lands in one bucket, and buckets never
+    change an answer (each entity is computed from its own facts only).
+    """
+    arr = entities.combine_chunks() if isinstance(entities, pa.ChunkedArray) else entities
+    m = len(arr)
+    if n_buckets <= 1 or m == 0:
+        return np.zeros(m, dtype=np.int64)
+    keys = np.asarray(arr.to_numpy(zero_copy_only=False))
+    ordered = np.sort(keys, kind="stable")
+    cuts = ordered[(np.arange(1, n_buckets) * m) // n_buckets]
+    out: np.ndarray = np.searchsorted(cuts, keys, side="right").astype(np.int64)
     return out
 
 
@@ -177,43 +186,33 @@ def split_by_bucket(table: pa.Table, buckets: np.ndarray, n_buckets: int) -> lis
             for b in range(n_buckets)]
 
 
-def _compute_task(args: tuple[dict[str, pa.Table], pa.Table, PartitionPlan]) -> pa.Table:
-    facts, queries, plan = args
-    return compute_partition(facts, queries, plan)
+def _pool_task(args: tuple[str, PartitionPlan, pa.Table]) -> pa.Table:
+    store_url, plan, queries = args
+    out = list(read_and_compute(store_url, plan, queries.to_batches()))
+    return pa.Table.from_batches(out, schema=plan.wire_schema())
 
 
-def run_partitions(
-    facts: Mapping[str, pa.Table],
+def run_pool(
+    store_url: str,
     queries: pa.Table,
     plan: PartitionPlan,
     *,
     workers: int,
-    parallel: bool,
     progress: Callable[[float], None] | None = None,
 ) -> pa.Table:
-    """Run :func:`compute_partition` over all ``queries``: in-process, or split into
-    entity-hash buckets over a spawn-context process pool of ``workers``.
+    """Run :func:`read_and_compute` per entity bucket over a spawn-context process pool of
+    ``workers``: each worker reads its own bucket's facts and computes its features.
 
     Returns:
         The wire table in query order (sorted by ``__row``).
     """
-    if not parallel or workers <= 1 or queries.num_rows == 0:
-        out = compute_partition(facts, queries, plan)
-        if progress is not None:
-            progress(1.0)
-        return out
-    n_buckets = workers * 2
-    q_parts = split_by_bucket(queries, bucket_of(queries.column(ENTITY), n_buckets), n_buckets)
-    f_parts = {
-        name: split_by_bucket(t, bucket_of(t.column(_entity_col(plan, name)), n_buckets),
-                              n_buckets)
-        for name, t in facts.items()
-    }
-    tasks = [({name: parts[b] for name, parts in f_parts.items()}, q_parts[b], plan)
-             for b in range(n_buckets) if q_parts[b].num_rows]
+    n_buckets = max(1, workers)
+    parts = split_by_bucket(queries, entity_buckets(queries.column(ENTITY), n_buckets),
+                            n_buckets)
+    tasks = [(store_url, plan, q) for q in parts if q.num_rows]
     results: list[pa.Table] = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for k, res in enumerate(pool.map(_compute_task, tasks)):
+        for k, res in enumerate(pool.map(_pool_task, tasks)):
             results.append(res)
             if progress is not None:
                 progress((k + 1) / len(tasks))
@@ -225,13 +224,6 @@ def restore_order(parts: Iterable[pa.Table], plan: PartitionPlan) -> pa.Table:
     table = pa.concat_tables(list(parts) or [plan.wire_schema().empty_table()])
     rows = table.column(ROW).to_numpy()
     return table.take(pa.array(np.argsort(rows, kind="stable"))).combine_chunks()
-
-
-def _entity_col(plan: PartitionPlan, fact_type: str) -> str:
-    for g in plan.groups:
-        if g.fact_type == fact_type:
-            return g.entity_col
-    raise KeyError(fact_type)
 
 
 def read_and_compute(

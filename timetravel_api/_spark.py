@@ -1,6 +1,6 @@
 """The Spark engine: the same pure partition function, inside ``mapInArrow``.
 
-The driver tags every query row with its entity-hash bucket (the one the local engine uses),
+The driver tags every query row with its entity bucket (the ranges the local pool uses),
 repartitions by it, and runs :func:`._partition.read_and_compute` on each Spark partition: the
 executor reads that partition's facts through the store (only its entities, only the plan's
 time range, with the same ``FactReader``) and computes the fact features. Results come back to
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ttstore import InvalidInput
 
-from ._partition import ENTITY, PartitionPlan, bucket_of, read_and_compute, restore_order
+from ._partition import ENTITY, PartitionPlan, entity_buckets, read_and_compute, restore_order
 
 #: The Spark master for sessions this engine creates (default ``local[<workers>]``).
 ENV_SPARK_MASTER = "TIMETRAVEL_SPARK_MASTER"
@@ -67,7 +67,7 @@ def run_spark(store_url: str, queries: pa.Table, plan: PartitionPlan, *, workers
 
     spark = spark_session(workers)
     n_buckets = max(2, int(spark.sparkContext.defaultParallelism))
-    bucket = bucket_of(queries.column(ENTITY), n_buckets)
+    bucket = entity_buckets(queries.column(ENTITY), n_buckets)
     tagged = queries.append_column(BUCKET, pa.array(bucket, pa.int64()))
     df = spark.createDataFrame(tagged).repartition(n_buckets, BUCKET)
     schema = from_arrow_schema(plan.wire_schema())
