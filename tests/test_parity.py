@@ -227,3 +227,30 @@ def test_snapshot_fed_staleness_from_real_runs(local_store: Store, tmp_path: Pat
     wrong = {m.request_id for m in report.mismatches}
     fresh = {r["request_id"] for r, s in zip(svc.served, statuses, strict=True) if s == "ok"}
     assert wrong == {r["request_id"] for r in svc.served} - fresh
+
+
+def test_parity_cli(local_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                    ) -> None:
+    import json
+
+    from ttstore._cli import main
+
+    repo = make_repo()
+    simulate(local_store, tmp_path, repo, requests=12, seed=5)
+    args = ["parity", "--store", str(local_store.url), "--repo", str(FIXTURE)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "requests: 12" in text and "fact-fed mismatches: 0 (parity holds)" in text
+    assert "minutes_7d [" in text and "12 compared, 0 differ" in text
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["requests"] == 12 and doc["fact_fed_mismatches"] == 0
+    assert doc["compared"]["last_query"] == 12
+    skewed = make_repo()
+    real = skewed.encoders["last_query"]
+    bad = Encoder(lambda v: "never", inputs=real.inputs, output="string", name="last_query")
+    other = Store(str(tmp_path / "skewed-store"))
+    simulate(other, tmp_path / "2", skewed, requests=3, seed=6, online={"last_query": bad})
+    assert main(["parity", "--store", str(other.url), "--repo", str(FIXTURE)]) == 1
+    out = capsys.readouterr().out
+    assert "fact-fed mismatches: 3" in out and out.count("mismatch last_query") == 3

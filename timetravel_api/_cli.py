@@ -11,6 +11,9 @@ def register(sub: Any) -> None:
     from ._training_cli import register_cli as register_training_set  # noqa: PLC0415
 
     register_training_set(sub)
+    from ._parity_cli import register_cli as register_parity  # noqa: PLC0415
+
+    register_parity(sub)
 
 
 def _register_api(sub: Any) -> None:

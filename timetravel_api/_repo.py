@@ -29,7 +29,7 @@ from typing import Any
 
 from factlog import Declared, FactType, FactTypeCatalog
 from snapshotter import ServiceConfig, ServiceConfigError
-from ttstore import Store
+from ttstore import ENV_REPO, Store
 
 from ._encoders import Encoder
 from ._errors import EncoderDefinitionError, RepoError
@@ -37,7 +37,7 @@ from ._errors import EncoderDefinitionError, RepoError
 __all__ = ["REPO_ENV", "FeatureRepo"]
 
 #: The environment variable naming the feature repo when ``--repo`` is not given.
-REPO_ENV = "TIMETRAVEL_REPO"
+REPO_ENV = ENV_REPO
 
 
 @dataclass(frozen=True, kw_only=True)
