@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -271,8 +272,6 @@ def test_faults_error_rate_down_and_counters(world_server) -> None:
 
 def test_services_toml_is_a_valid_services_config(world_server) -> None:
     _, rw = world_server
-    import tomllib
-
     services = parse_services(tomllib.loads(rw.services_toml(max_qps=50)))
     assert sorted(services) == ["my_list", "profile", "viewing_history"]
     assert services["profile"].entity_url(7) == f"{rw.url}/v1/profile/7"
@@ -292,3 +291,12 @@ def test_world_in_its_own_process_answers_with_the_same_truth() -> None:
         assert _get(f"{proc.url}/v1/profile/12") == (200, w.profile(12, T0 + US_PER_DAY))
         process = proc.process
     assert process is not None and process.returncode == 0  # stopped cleanly by SIGTERM
+    out = subprocess.run(
+        [sys.executable, "-m", "simworld", "toml", "--url", proc.url, "--no-batch",
+         "--max-qps", "7"], capture_output=True, text=True, check=True,
+    )
+    services = parse_services(tomllib.loads(out.stdout))
+    assert {s.url for s in services.values()} == {
+        f"{proc.url}/v1/{name}/{{entity_id}}" for name in ("viewing_history", "my_list", "profile")
+    }
+    assert all(s.max_qps == 7 and s.batch_url is None for s in services.values())
