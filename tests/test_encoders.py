@@ -261,3 +261,29 @@ def test_gather_visible_resorts_unsorted_input() -> None:
     flat, off = gather_visible(reversed_times, "member_id", pa.array([2]), np.array([T0 + S]),
                                span_us=None, knowledge="as_known")
     assert flat.column("stars").to_pylist() == [1, 3]
+
+
+def test_string_keys_timestamp_times_and_empty_batches() -> None:
+    ft = FactType("visit", entity=("device_id", "string"), fields={"page": "string"})
+
+    @encoder(inputs=[facts("visit", window="1d")], output="list<string>")
+    def pages_1d(view: View) -> list[str]:
+        return [f["page"] for f in view.facts("visit")]
+
+    repo = FeatureRepo.from_objects([ft, pages_1d])
+    enc = repo.encoders["pages_1d"]
+    assert enc.entity_type == "string"
+    rows = [{"fact_id": f"f{i}", "device_id": d, "event_time": T0 + i * S, "logged_at": T0 + i * S,
+             "ingested_at": T0, "producer": "p", "page": p}
+            for i, (d, p) in enumerate([("007", "a"), ("7", "b"), ("007", "c"), ("", "d")])]
+    tab = table(ft, rows)
+    at = pa.array([T0 + 9 * S] * 4, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    out = evaluate_encoders([enc], pa.array(["007", "7", "", "x"]), at, facts={"visit": tab},
+                            snapshots={}, knowledge="as_known", entity_cols={"visit": "device_id"})
+    values, status = out["pages_1d"]
+    assert values.to_pylist() == [["a", "c"], ["b"], ["d"], []]
+    assert list(status) == ["ok"] * 4
+    empty = evaluate_encoders([enc], pa.array([], pa.string()), np.array([], np.int64),
+                              facts={"visit": tab}, snapshots={}, knowledge="event",
+                              entity_cols={"visit": "device_id"})
+    assert len(empty["pages_1d"][0]) == 0 and len(empty["pages_1d"][1]) == 0

@@ -413,6 +413,8 @@ def evaluate_encoders(
     Returns:
         Encoder name → (values, status), aligned with the query rows.
     """
+    if isinstance(at_us, pa.ChunkedArray | pa.Array):
+        at_us = at_us.cast(pa.int64()).to_numpy(zero_copy_only=False)
     at_us = np.asarray(at_us, dtype=np.int64)
     if isinstance(entities, pa.ChunkedArray):
         entities = entities.combine_chunks()
