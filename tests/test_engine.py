@@ -246,3 +246,36 @@ def test_bad_input(local_store: Store) -> None:
     # any unit and time zone converts
     ms = pa.array([T0 // 1000], pa.timestamp("ms", tz="Europe/Paris"))
     assert engine.features([1], ms, ["play.count.1d"]).values.column(0).to_pylist() == [0]
+
+
+def test_encoder_features_run_on_the_reconstructed_view(local_store: Store) -> None:
+    from timetravel_api import FeatureRepo, encoder, facts
+
+    @encoder(inputs=[facts("play", window="1d")], output="float64")
+    def secs_1d(view: Any) -> float | None:
+        rows = [f["secs"] for f in view.facts("play", window="1d") if f["secs"] is not None]
+        return sum(rows) if rows else None
+
+    @encoder(inputs=[facts("play", window="1d")], output="int64")
+    def broken(view: Any) -> int:
+        raise RuntimeError("boom")
+
+    store = local_store
+    FactTypeCatalog(store).declare(PLAY)
+    play = play_copies(41)
+    write_split(store, PLAY, play, 42)
+    repo = FeatureRepo.from_objects([PLAY, secs_1d, broken])
+    qs = queries_for(play, "member_id", 99, 43)
+    ents, at = [e for e, _ in qs], [t for _, t in qs]
+    engine = Engine(store, repo=repo, workers=1)
+    for knowledge in ("as_known", "event"):
+        res = engine.features(ents, at, ["secs_1d", "play.secs.sum.1d", "broken"],
+                              knowledge=knowledge, provenance=True)
+        want = engine.features(ents, at, ["play.secs.sum.1d"], knowledge=knowledge)
+        assert res.values.column("secs_1d").to_pylist() == \
+            want.values.column("play.secs.sum.1d").to_pylist()
+        assert res.values.column("secs_1d").to_pylist() != [None] * len(qs)
+        assert set(res.status.column("broken").to_pylist()) == {"error"}
+        assert res.lineage["encoder_versions"] == {"secs_1d": secs_1d.version,
+                                                  "broken": broken.version}
+        assert res.provenance is not None

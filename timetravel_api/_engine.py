@@ -122,7 +122,7 @@ class Engine:
         encoders = getattr(self.repo, "encoders", None) or {}
         specs = parse_features(
             names, fact_types=_FactTypes(self.facts, self.repo),
-            services=_Services(self.snapshots), encoders=encoders,
+            services=_Services(self.snapshots, self.repo), encoders=encoders,
         )
         problems = []
         for s in specs:
@@ -132,9 +132,6 @@ class Engine:
                 if s.field not in known:
                     problems.append((s.name, f"service {s.service!r} has no field {s.field!r}"
                                              f" (fields: {', '.join(known) or 'none'})"))
-            elif s.kind == "encoder":
-                problems.append((s.name, "encoder features need the feature repo's encoder "
-                                         "evaluation, which this engine does not have yet"))
         if problems:
             raise InvalidFeature(problems)
         return specs
@@ -276,11 +273,28 @@ class Engine:
                               else pa.nulls(n, pa.string()))
                     prov[specs[i].name] = provenance_struct(source, ids, ev, at_us)
 
+        encs = [s for s in specs if s.kind == "encoder"]
+        if encs:
+            from ._engine_encoders import encoder_columns  # noqa: PLC0415
+
+            got = encoder_columns(self.facts, self.snapshots, encs, ent, at_us,
+                                  knowledge=plan.knowledge, lineage=lineage)
+            for s in encs:
+                vals, st = got[s.name]
+                values[s.name] = vals
+                status[s.name] = pa.array(st, pa.string())
+                if plan.provenance:
+                    version = lineage["encoder_versions"][s.name]
+                    prov[s.name] = provenance_struct(
+                        pa.array([f"encoder:{s.name}@{version}"] * n, pa.string()),
+                        pa.nulls(n, pa.string()), pa.nulls(n, pa.int64()), at_us)
         snap = [(i, s) for i, s in enumerate(specs) if s.kind == "snapshot"]
         weight = None
         if snap:
             weight = self._snapshots(snap, ent, at_us, plan, values, status, prov, lineage)
-        complete = self._complete([g.fact_type for g in plan.groups], at_us)
+        used = [g.fact_type for g in plan.groups]
+        used += [ft for s in encs for ft in s.encoder.fact_types if ft not in used]
+        complete = self._complete(used, at_us)
         names = [s.name for s in specs]
         return FeatureResult(
             values=pa.table([values[k] for k in names], names=names),
@@ -376,8 +390,11 @@ class _FactTypes(Mapping[str, Any]):
 class _Services(Mapping[str, Any]):
     """Snapshot services of the committed runs: name → ``{"entity_type": ...}``."""
 
-    def __init__(self, reader: SnapshotReader) -> None:
-        self._types: dict[str, str] = {}
+    def __init__(self, reader: SnapshotReader, repo: Any) -> None:
+        self._types: dict[str, str] = {
+            name: str(getattr(cfg, "entity_type", "int64"))
+            for name, cfg in (getattr(repo, "services", None) or {}).items()
+        }
         for m in reader.runs():
             for name, stats in m.services.items():
                 self._types[name] = str(stats.config.get("entity_type", "int64"))
