@@ -263,3 +263,16 @@ def test_declare_fact_types_in_the_store(local_store: Store) -> None:
         ("playback", 1, True), ("search", 1, True), ("rating", 1, True)]
     assert [d.created for d in repo.declare(local_store)] == [False] * 3
     assert FactTypeCatalog(local_store).get("search").lookback == "3d"
+
+
+def test_module_level_encoders_pickle_by_reference() -> None:
+    import pickle
+
+    from tests.fixtures import feature_repo
+
+    enc = feature_repo.minutes_7d
+    saved, enc.repo_source = enc.repo_source, None  # as if imported, not loaded as a repo
+    try:
+        assert pickle.loads(pickle.dumps(enc)) is enc
+    finally:
+        enc.repo_source = saved

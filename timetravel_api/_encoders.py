@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -313,6 +314,10 @@ class Encoder:
         # worker process (spawned, or a Spark executor) loads the repo again by its source.
         if self.repo_source:
             return (_encoder_from_repo, (self.repo_source, self.name, self.version))
+        module = sys.modules.get(self.__module__)
+        attr = getattr(self, "__name__", self.name)
+        if module is not None and getattr(module, attr, None) is self:
+            return attr  # pickled by reference, as a module-level function is
         return super().__reduce__()
 
     def __repr__(self) -> str:
