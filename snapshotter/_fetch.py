@@ -121,7 +121,8 @@ class ServiceFetcher:
                 field="qps_share",
             )
         self.config = config
-        self._headers = config.resolve_headers(environ)
+        # None when there are none: aiohttp then has nothing to merge per request.
+        self._headers: dict[str, str] | None = config.resolve_headers(environ) or None
         self._limiter = (
             QpsLimiter(config.max_qps * qps_share) if config.max_qps is not None else None
         )
