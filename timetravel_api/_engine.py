@@ -388,25 +388,34 @@ class _FactTypes(Mapping[str, Any]):
 
 
 class _Services(Mapping[str, Any]):
-    """Snapshot services of the committed runs: name → ``{"entity_type": ...}``."""
+    """Snapshot services: name → ``{"entity_type": ...}``, from the repo, then the committed
+    runs (listed only when a snapshot feature is asked for)."""
 
     def __init__(self, reader: SnapshotReader, repo: Any) -> None:
-        self._types: dict[str, str] = {
+        self._reader = reader
+        self._repo: dict[str, str] = {
             name: str(getattr(cfg, "entity_type", "int64"))
             for name, cfg in (getattr(repo, "services", None) or {}).items()
         }
-        for m in reader.runs():
-            for name, stats in m.services.items():
-                self._types[name] = str(stats.config.get("entity_type", "int64"))
+        self._types: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        if self._types is None:
+            types = dict(self._repo)
+            for m in self._reader.runs():
+                for name, stats in m.services.items():
+                    types[name] = str(stats.config.get("entity_type", "int64"))
+            self._types = types
+        return self._types
 
     def __getitem__(self, name: str) -> Any:
-        return {"entity_type": self._types[name]}
+        return {"entity_type": self._all()[name]}
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._types)
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return len(self._types)
+        return len(self._all())
 
 
 def load_repo(repo: Any) -> Any:
