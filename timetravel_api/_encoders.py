@@ -43,13 +43,10 @@ The engine's contract (what ``timetravel_api._engine`` calls)::
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +56,7 @@ from ttstore import NAME_PATTERN, TIMESTAMP_TYPE, arrow_type, check_name
 
 from ._errors import EncoderDefinitionError
 from ._features import window_us as _window_us
+from ._versions import code_version, module_source
 from ._view import Batch, View, gather_visible, rows_of
 
 __all__ = [
@@ -180,7 +178,7 @@ class Encoder:
         self.entity_type = entity_type
         self.batch_fn: Callable[[Batch], Any] | None = None
         self.json_fields: dict[str, tuple[str, ...]] = {}
-        self._module_source = _module_source(fn)
+        self._module_source = module_source(fn)
         #: Where the repo that declares it was loaded from (set by ``FeatureRepo.load``).
         self.repo_source: str | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
@@ -291,7 +289,6 @@ class Encoder:
     def version(self) -> str:
         """Hash of the encoder's code (row and batch forms: source, else bytecode and
         constants), its declaration, and the source of the module that defines it."""
-        h = hashlib.sha256()
         decl = {
             "name": self.name,
             "output": self.output,
@@ -300,14 +297,7 @@ class Encoder:
                 for i in self.inputs
             ],
         }
-        h.update(json.dumps(decl, sort_keys=True).encode())
-        for fn in (self.fn, self.batch_fn):
-            h.update(b"\x00fn\x00")
-            if fn is not None:
-                h.update(_code_digest(fn))
-        h.update(b"\x00module\x00")
-        h.update(self._module_source)
-        return h.hexdigest()[:16]
+        return code_version(decl, (self.fn, self.batch_fn), self._module_source)
 
     def __reduce__(self) -> Any:
         # An encoder of a repo loaded from a file lives in a module only this process has; a
@@ -365,39 +355,6 @@ def _encoder_from_repo(source: str, name: str, version: str) -> Encoder:
 
 
 _REPOS: dict[str, Any] = {}
-
-
-# -- versions ------------------------------------------------------------------------------------
-def _module_source(fn: Callable[..., Any]) -> bytes:
-    path = getattr(fn, "__globals__", {}).get("__file__")
-    if not path:
-        return b""
-    try:
-        return Path(path).read_bytes()
-    except OSError:
-        return b""
-
-
-def _code_digest(fn: Callable[..., Any]) -> bytes:
-    import inspect
-
-    try:
-        return inspect.getsource(fn).encode()
-    except (OSError, TypeError):
-        code = getattr(fn, "__code__", None)
-        return b"" if code is None else _code_bytes(code)
-
-
-def _code_bytes(code: types.CodeType) -> bytes:
-    parts = [code.co_code, repr(code.co_names).encode(), repr(code.co_varnames).encode()]
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            parts.append(_code_bytes(c))
-        elif isinstance(c, frozenset):
-            parts.append(repr(sorted(map(repr, c))).encode())  # set order varies per process
-        else:
-            parts.append(repr(c).encode())
-    return b"\x00".join(parts)
 
 
 # -- offline evaluation --------------------------------------------------------------------------
