@@ -3,6 +3,8 @@
 from ._client import ApiRequestError, ApiUnavailable, Client, TrainingSetFailed, is_complete
 from ._encoders import Encoder, encoder, facts, snapshot
 from ._engine import Engine, FeatureResult
+from ._errors import EntityTypeMismatch, InvalidFeature, TimetravelApiError
+from ._features import FeatureSpec, parse_features
 from ._parity import ParityReport, log_served_features, parity_report, served_features_type
 from ._repo import FeatureRepo
 from ._training import build_training_set
@@ -28,4 +30,11 @@ __all__ += [  # the SDK
     "Client",
     "TrainingSetFailed",
     "is_complete",
+]
+__all__ += [  # feature names and errors
+    "EntityTypeMismatch",
+    "FeatureSpec",
+    "InvalidFeature",
+    "TimetravelApiError",
+    "parse_features",
 ]
