@@ -287,3 +287,36 @@ def test_string_keys_timestamp_times_and_empty_batches() -> None:
                               facts={"visit": tab}, snapshots={}, knowledge="event",
                               entity_cols={"visit": "device_id"})
     assert len(empty["pages_1d"][0]) == 0 and len(empty["pages_1d"][1]) == 0
+
+
+def test_batch_accessors_agree_with_the_row_view() -> None:
+    seen: dict[str, Any] = {}
+
+    @encoder(inputs=[facts("playback", window="2d"), facts("playback", window="1h")],
+             output="int64")
+    def plays(view: View) -> int:
+        return len(view.facts("playback", window="2d")) * 100 + len(
+            view.facts("playback", window="1h"))
+
+    @plays.batch
+    def _(batch: Any) -> pa.Array:
+        seen["lists"] = batch.facts("playback", window="2d").to_pylist()
+        seen["column"] = batch.column("playback", "seconds", window="1h").to_pylist()
+        seen["at"] = batch.at.cast(pa.int64()).to_pylist()
+        wide = np.diff(batch.offsets("playback", window="2d"))
+        narrow = np.diff(batch.offsets("playback", window="1h"))
+        return pa.array(wide * 100 + narrow)
+
+    repo = FeatureRepo.from_objects([*REPO.fact_types.values(), plays])
+    enc = repo.encoders["plays"]
+    rows = [fact(1, 1, T0, T0, seconds=1.0), fact(2, 1, T0 + DAY, T0 + DAY, seconds=2.0),
+            fact(3, 1, T0 + DAY + S, T0 + DAY + S, seconds=None)]
+    tabs = {"playback": table(REPO.fact_types["playback"], rows)}
+    ats = [T0 + DAY + 2 * S, T0 + 3 * DAY]
+    assert run([enc], [1, 1], ats, tabs) == run([without_batch(enc)], [1, 1], ats, tabs) == {
+        "plays": ([302, 100], ["ok", "ok"])}  # (t - 2d, t]: the fact at exactly t - 2d is out
+    assert [[f["fact_id"] for f in q] for q in seen["lists"]] == [["f00001", "f00002", "f00003"],
+                                                                  ["f00003"]]
+    assert seen["column"] == [[2.0, None], []] and seen["at"] == ats
+    with pytest.raises(EncoderDefinitionError, match="several windows"):
+        View.live(1, T0).restrict(enc).facts("playback")
