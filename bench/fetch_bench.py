@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import sys
 import time
 
@@ -57,6 +59,15 @@ async def _fetch_all(url: str, ids: np.ndarray, *, batch: bool) -> tuple[float, 
             await f.aclose()
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process, or by ``pid`` (Linux)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(quick: bool, *, contexts: int | None = None, members: int = 100_000) -> list[Result]:
     n_batch = contexts or (10_000 if quick else 50_000)
     n_single = contexts or (2_000 if quick else 10_000)
@@ -66,14 +77,26 @@ def run(quick: bool, *, contexts: int | None = None, members: int = 100_000) -> 
     with spawn_world(seed=7, members=members, now_us=NOW, faults=faults) as world:
         for batch, n in ((True, n_batch), (False, n_single)):
             ids = rng.choice(np.arange(1, members + 1), n, replace=False)
+            pid = world.process.pid if world.process is not None else None
+            cpu0, wcpu0 = _cpu_s(), _cpu_s(pid)
             seconds, ok = asyncio.run(_fetch_all(world.url, ids, batch=batch))
+            cpu, wcpu = _cpu_s() - cpu0, _cpu_s(pid) - wcpu0
             assert all(v == n for v in ok.values()), ok
             mode = "batch endpoints (100 ids)" if batch else "per-entity GETs"
             out.append(Result(
                 metric=f"fetch 3 services, {mode}", unit="contexts/s", value=n / seconds,
                 target=None if quick else at_least(10_000 if batch else 2_000),
                 note=f"{n:,} contexts x 3 services; world in its own process, 5 ms median "
-                     "latency, QPS limits off, 64 in flight per service",
+                     "latency, QPS limits off, 64 in flight per service; "
+                     f"load average {os.getloadavg()[0]:.1f} at the end",
+            ))
+            out.append(Result(
+                metric=f"fetch CPU per context, {mode}: client", unit="µs",
+                value=cpu / n * 1e6, note="user+system CPU of the fetching process",
+            ))
+            out.append(Result(
+                metric=f"fetch CPU per context, {mode}: simulated world", unit="µs",
+                value=wcpu / n * 1e6, note="user+system CPU of the world's process",
             ))
     out.append(Result(metric="fetch bench peak RSS (client process)", unit="MB",
                       value=peak_rss_mb()))
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     for r in run(args.quick, contexts=args.contexts, members=args.members):
-        print(f"{r.metric}: {r.value:,.1f} {r.unit}  ({r.note})")
+        print(f"{r.metric}: {r.value:,.1f} {r.unit}" + (f"  ({r.note})" if r.note else ""))
     return 0
 
 
