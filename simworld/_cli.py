@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from ttstore import TimetravelError, parse_timestamp
@@ -16,13 +17,17 @@ def register(sub: Any) -> None:
     demo: argparse.ArgumentParser = sub.add_parser(
         "demo",
         help="run the main job end to end on a local store",
-        description="Log facts through the public logger for simulated members and days, read "
-        "them back through the reader, and print counts per fact type and day.",
+        description="Simulate members and days: a recommendation service logs facts, snapshots "
+        "run twice a day on a stratified panel, a point-in-time training set trains a model "
+        "(against a leaky baseline), and parity checks online = offline. Writes a report to "
+        "reports/demo-<time>/ in the store.",
     )
     add_common_options(demo, now=True)
-    demo.add_argument("--members", type=int, default=2000, help="simulated members (2000)")
-    demo.add_argument("--days", type=int, default=3, help="simulated days (3)")
+    demo.add_argument("--members", type=int, default=3000, help="simulated members (3000)")
+    demo.add_argument("--days", type=int, default=6, help="simulated days (6)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (7)")
+    demo.add_argument("--requests-per-day", type=int, default=None,
+                      help="recommendation requests per simulated day (members/3, >= 150)")
     demo.set_defaults(handler=_demo)
 
     up: argparse.ArgumentParser = sub.add_parser(
@@ -56,13 +61,22 @@ def register(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.members < 1 or args.days < 1:
         raise TimetravelError("--members and --days must be at least 1", code="invalid_input")
-    from ._factlog_demo import run_factlog_demo  # noqa: PLC0415
+    if args.days < 2:
+        raise TimetravelError("--days must be at least 2 (later days are held out for testing)",
+                              code="invalid_input")
+    if args.requests_per_day is not None and args.requests_per_day < 1:
+        raise TimetravelError("--requests-per-day must be at least 1", code="invalid_input")
+    from ._demo import DemoConfig, run_demo  # noqa: PLC0415
+
+    if not args.verbose:  # the demo prints its own progress; run logs only with -v
+        for name in ("snapshotter", "factlog", "timetravel_api"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     start_us = parse_timestamp(args.now or DEFAULT_START, field="--now")
-    result = run_factlog_demo(
-        open_store(args), members=args.members, days=args.days, seed=args.seed, start_us=start_us
-    )
-    return 0 if result.read_back == result.logged and result.duplicates == 0 else 1
+    result = run_demo(open_store(args), DemoConfig(
+        members=args.members, days=args.days, seed=args.seed, start_us=start_us,
+        requests_per_day=args.requests_per_day))
+    return 0 if all(v == "ok" for v in result.summary["steps"].values()) else 1
 
 
 def _up(args: argparse.Namespace) -> int:
