@@ -5,8 +5,9 @@ every shard's part is committed, whoever notices first (the last shard to finish
 ``snapshot run`` or scheduler tick for that slot) commits the run:
 
 1. freeze each service's payload types (``_typing.freeze_types``);
-2. write each staged chunk, conformed to those types and sorted by entity, to its final,
-   non-underscore key (create-if-absent; an object left by an interrupted commit is kept);
+2. write the staged chunks, conformed to those types, to final non-underscore keys: consecutive
+   chunks of a shard gathered up to ``FINAL_OBJECT_ROWS`` rows an object, sorted by entity
+   (create-if-absent; an object left by an interrupted commit is kept);
 3. create the run manifest, with ``committed_at`` from the clock: the commit point;
 4. delete the staging prefix.
 
@@ -24,6 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ttstore import (
@@ -49,6 +51,10 @@ from ._manifest import (
     staging_prefix,
 )
 from ._typing import conform, freeze_types
+
+#: Committed objects gather consecutive staged chunks up to about this many rows, so a run of
+#: 1M contexts is tens of objects per service, not hundreds.
+FINAL_OBJECT_ROWS = 25_000
 
 
 def commit_part(
@@ -99,15 +105,22 @@ def _service_stats(
     latencies: list[np.ndarray] = []
     errors: Counter[str] = Counter()
     objects = []
+    per_object = max(1, FINAL_OBJECT_ROWS // plan.chunk_size)
+    groups: dict[tuple[int, int], list[StagedChunk]] = {}
     for shard, k, chunk in chunks:
-        table = conform(store.read_parquet(chunk.key), types.fields)
+        groups.setdefault((shard, k // per_object), []).append(chunk)
+    for (shard, j), members in groups.items():
+        table = pa.concat_tables(
+            [conform(store.read_parquet(c.key), types.fields) for c in members]
+        )
         table = table.take(pc.sort_indices(table, [("entity_id", "ascending")]))
         lat = table.column("latency_ms").to_numpy(zero_copy_only=False)
         latencies.append(lat[~np.isnan(lat)])
         failed = pc.equal(table.column("status"), "error")
-        kinds = pc.fill_null(table.column("error_kind").filter(failed), "unknown")
-        errors.update(kinds.to_pylist())
-        final = data_key(plan.slot_us, shard, plan.shards, service, k)
+        for item in pc.value_counts(pc.fill_null(table.column("error_kind").filter(failed),
+                                                 "unknown")).to_pylist():
+            errors[item["values"]] += item["counts"]
+        final = data_key(plan.slot_us, shard, plan.shards, service, j)
         try:
             store.write_parquet(final, table.replace_schema_metadata(None))
         except ObjectExists:

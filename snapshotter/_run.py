@@ -42,7 +42,7 @@ from ._typing import load_types
 
 log = logging.getLogger("snapshotter.run")
 
-DEFAULT_CHUNK_SIZE = 5000
+DEFAULT_CHUNK_SIZE = 2000
 RunState = Literal["committed", "already_committed", "waiting_for_shards"]
 FetcherFactory = Callable[[Any, float], Any]
 
