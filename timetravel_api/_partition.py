@@ -206,7 +206,9 @@ def run_pool(
     Returns:
         The wire table in query order (sorted by ``__row``).
     """
-    n_buckets = max(1, workers)
+    # a few buckets per worker: finer progress and load balance; each still reads only its
+    # own row groups of compacted files
+    n_buckets = max(1, workers) * 4
     parts = split_by_bucket(queries, entity_buckets(queries.column(ENTITY), n_buckets),
                             n_buckets)
     tasks = [(store_url, plan, q) for q in parts if q.num_rows]
@@ -226,6 +228,9 @@ def restore_order(parts: Iterable[pa.Table], plan: PartitionPlan) -> pa.Table:
     return table.take(pa.array(np.argsort(rows, kind="stable"))).combine_chunks()
 
 
+_READERS: dict[str, Any] = {}
+
+
 def read_and_compute(
     store_url: str, plan: PartitionPlan, batches: Iterable[pa.RecordBatch]
 ) -> Iterable[pa.RecordBatch]:
@@ -242,7 +247,9 @@ def read_and_compute(
     queries = (pa.Table.from_batches(qs) if qs else plan.query_schema().empty_table())
     if queries.num_rows == 0:
         return
-    reader = FactReader(Store(store_url))
+    reader = _READERS.get(store_url)
+    if reader is None:  # one per process: footers and commit records stay cached across tasks
+        reader = _READERS[store_url] = FactReader(Store(store_url))
     facts = read_group_facts(reader, plan.groups, queries.column(ENTITY))
     yield from compute_partition(facts, queries, plan).to_batches()
 
