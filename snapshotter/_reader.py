@@ -18,7 +18,9 @@ query finds its last visible row with one ``searchsorted``. No Python loop per q
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
@@ -30,12 +32,13 @@ import pyarrow.compute as pc
 from ttstore import TIMESTAMP_TYPE, US_PER_S, InvalidInput, Store
 
 from ._manifest import ManifestCache, RunManifest
-from ._typing import KINDS, column_name, conform, load_types
+from ._typing import KINDS, column_name, conform
 
 Knowledge = Literal["as_known", "event"]
 STATUSES = ("ok", "missing", "stale", "not_sampled", "error")
 _BASE_COLUMNS = ("entity_id", "captured_at", "status", "weight")
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+DEFAULT_REFRESH_S = 0.0
 
 
 class SnapshotReader:
@@ -44,31 +47,48 @@ class SnapshotReader:
     Args:
         store: the store the runs were committed to.
         cache_bytes: how much decoded data (committed objects are immutable) to keep in memory.
+        refresh_s: how long the list of committed runs is trusted before the store is listed
+            again (default 0: on every call; a server sets a few seconds, so that it does not
+            list the store per request).
 
     Thread-safe.
     """
 
-    def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        refresh_s: float = DEFAULT_REFRESH_S,
+    ) -> None:
         self.store = store
         self.cache_bytes = cache_bytes
+        self.refresh_s = refresh_s
         self._manifests = ManifestCache(store)
+        self._runs: list[RunManifest] = []
+        self._runs_at = -math.inf
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], pa.Table] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
     # -- catalog ---------------------------------------------------------------------------------
     def runs(self) -> list[RunManifest]:
-        """Every committed run, oldest slot first."""
+        """Every committed run, oldest slot first (listed at most every ``refresh_s``)."""
         with self._lock:
-            return self._manifests.runs()
+            now = time.monotonic()
+            if now - self._runs_at >= self.refresh_s:
+                self._runs = self._manifests.runs()
+                self._runs_at = now
+            return list(self._runs)
 
     def services(self) -> list[str]:
         """The services that appear in any committed run."""
         return sorted({s for m in self.runs() for s in m.services})
 
     def fields(self, service: str) -> dict[str, str]:
-        """A service's typed payload fields and their types (the latest frozen version)."""
-        return load_types(self.store, service).fields
+        """A service's typed payload fields and their types: the latest frozen version any
+        committed run used (empty for a service never snapshotted)."""
+        return _fields_of(self.runs(), service)
 
     # -- the as-of read --------------------------------------------------------------------------
     def read(
@@ -103,7 +123,8 @@ class SnapshotReader:
             raise InvalidInput(
                 f"knowledge must be as_known or event, not {knowledge!r}", field="knowledge"
             )
-        types = self.fields(service)
+        all_runs = self.runs()
+        types = _fields_of(all_runs, service)
         names = list(types) if fields is None else list(fields)
         unknown = [f for f in names if f not in types]
         if unknown:
@@ -117,7 +138,7 @@ class SnapshotReader:
         q_ent = entities if isinstance(entities, pa.Array) else pa.array(list(entities))
         if len(q_ent) != len(at_us):
             raise InvalidInput("entities and at differ in length", field="at")
-        runs = [m for m in self.runs() if service in m.services]
+        runs = [m for m in all_runs if service in m.services]
         data = self._rows(service, runs, q_ent, types, raw_json=raw_json)
         return asof(data, q_ent, at_us, knowledge=knowledge, types=types, raw_json=raw_json)
 
@@ -180,6 +201,16 @@ class SnapshotReader:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
         return table
+
+
+def _fields_of(runs: list[RunManifest], service: str) -> dict[str, str]:
+    """The latest frozen payload types of ``service`` that a committed run used."""
+    best: tuple[int, dict[str, str]] = (-1, {})
+    for m in runs:
+        stats = m.services.get(service)
+        if stats is not None and stats.types_version > best[0]:
+            best = (stats.types_version, stats.columns)
+    return dict(best[1])
 
 
 def _as_us(at: pa.Array | np.ndarray | Sequence[int]) -> np.ndarray:
