@@ -40,6 +40,8 @@ def entity_array(entities: Any, entity_type: str | None) -> pa.Array:
             raise InvalidInput(f"entity keys must all be int64 or all strings: {exc}",
                                field="entity_id") from exc
     arr: pa.Array = entities
+    if pa.types.is_dictionary(arr.type):  # e.g. categorical keys from pandas
+        arr = arr.dictionary_decode()
     if arr.null_count and not pa.types.is_null(arr.type):
         raise InvalidInput("entity keys must not be null", field="entity_id")
     kind = ("int64" if pa.types.is_integer(arr.type)
