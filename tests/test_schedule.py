@@ -126,3 +126,94 @@ def test_stops_on_interrupt_and_on_stop():
     h2.stop.set()
     assert h2.scheduler(Cadence.parse(every="12h"), max_ticks=5).run_forever() == 0
     assert h2.ran == []
+
+
+# -- the command, against the simulated world ----------------------------------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from simworld import World, running_world  # noqa: E402
+from snapshotter import save_selection, select_contexts  # noqa: E402
+from snapshotter._manifest import load_manifest, pending_runs  # noqa: E402
+from ttstore import ManualClock as _Clock  # noqa: E402
+from ttstore import Store  # noqa: E402
+
+CLI = [sys.executable, "-c", "from ttstore._cli import run; run()"]
+
+
+def _wait_for(cond, proc, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _stop(proc) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+def test_schedule_catches_up_then_stops_gracefully_on_sigterm(tmp_path):
+    start = ts("2026-11-01T00:00:00Z")
+    world = World(seed=4, members=200, start_us=start)
+    store = Store(str(tmp_path / "store"))
+    cs = select_contexts(world.population(start), n=40, selected_at_us=start,
+                         entity="member_id", seed=2)
+    save_selection(store, cs, report=False, clock=_Clock(start))
+    with running_world(world) as rw:
+        rw.state.clock.set(ts("2026-11-10T10:30:00Z"))
+        services = tmp_path / "services.toml"
+        services.write_text(rw.services_toml(batch=True))
+        base = ["snapshot", "schedule", "--store", store.url, "--services", str(services),
+                "--every", "1h", "--chunk-size", "5"]
+
+        # Started at 10:30 with no run of 10:00: that missed slot is run at once, and said so.
+        proc = subprocess.Popen([*CLI, *base, "--now", "2026-11-10T10:30:00Z"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        slot10 = ts("2026-11-10T10:00:00Z")
+        _wait_for(lambda: load_manifest(store, slot10) is not None, proc)
+        code, err = _stop(proc)
+        assert code == 0, err
+        assert "event=catch_up slot=2026-11-10T10:00:00.000000Z" in err
+        assert "event=schedule_stopped slots_run=1" in err
+        assert load_manifest(store, slot10).services["profile"].requested == 40
+
+        # SIGTERM in the middle of a run: it stops before its next chunk, keeps what it staged,
+        # exits 0, and `snapshot run --slot` finishes the slot later without refetching.
+        rw.control.set_faults("*", latency_median_ms=150.0)
+        services.write_text(rw.services_toml(batch=False, max_concurrency=1))
+        proc = subprocess.Popen([*CLI, *base, "--now", "2026-11-10T11:00:05Z"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        slot11 = ts("2026-11-10T11:00:00Z")
+        _wait_for(lambda: any("chunk-" in o.key for o in store.list("snapshots/runs/_staging")),
+                  proc)
+        code, err = _stop(proc)
+        assert code == 0, err
+        assert "the next start resumes this slot" in err
+        assert load_manifest(store, slot11) is None
+        [pending] = pending_runs(store)
+        assert pending.plan.slot_us == slot11
+        staged = {s: sum(1 for o in store.list("snapshots/runs/_staging")
+                         if f"/{s}/chunk-" in o.key) for s in ("profile", "my_list")}
+        assert all(0 < n < 8 for n in staged.values()), staged
+
+        rw.control.set_faults("*", latency_median_ms=0.0)
+        rw.control.reset_stats()
+        r = subprocess.run([*CLI, "snapshot", "run", "--store", store.url, "--services",
+                            str(services), "--slot", "2026-11-10T11:00:00Z", "--now",
+                            "2026-11-10T11:00:30Z"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert load_manifest(store, slot11) is not None
+        asked = rw.control.stats()["services"]
+        for s, n in staged.items():
+            assert asked[s]["ids_requested"] == 40 - 5 * n
