@@ -157,8 +157,7 @@ def test_same_answers_after_compaction(local_store: Store) -> None:
     check(engine, PLAY, play, PLAY_NAMES, qs, "as_known")
 
 
-def test_process_pool_gives_the_same_bytes(local_store: Store) -> None:
-    store = local_store
+def test_process_pool_gives_the_same_bytes(store: Store) -> None:
     FactTypeCatalog(store).declare(PLAY)
     play = play_copies(21, n=150)
     write_split(store, PLAY, play, 22)
