@@ -75,8 +75,11 @@ def _fit_score(x_tr: np.ndarray, y_tr: np.ndarray, w_tr: np.ndarray, x_te: np.nd
     model = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, max_leaf_nodes=15,
                                            min_samples_leaf=20, l2_regularization=1.0,
                                            early_stopping=False, random_state=seed)
-    model.fit(x_tr, y_tr, sample_weight=w_tr)
-    p = model.predict_proba(x_te)[:, 1]
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415  (a scikit-learn dependency)
+
+    with threadpool_limits(limits=1):  # small data: OpenMP threads cost more than they give
+        model.fit(x_tr, y_tr, sample_weight=w_tr)
+        p = model.predict_proba(x_te)[:, 1]
     fpr, tpr, _ = roc_curve(y_te, p, sample_weight=w_te)
     return {**base, "auc": float(roc_auc_score(y_te, p, sample_weight=w_te)), "reason": None,
             "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
