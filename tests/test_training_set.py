@@ -189,3 +189,18 @@ def test_cli_builds_the_file(tmp_path: Path, local_store: Store) -> None:
                    str(tmp_path / "none.parquet"), "--features", "play.count.1d",
                    "--out", str(tmp_path / "bad.parquet"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_snapshot_provenance_names_the_run(local_store: Store) -> None:
+    store, run_id = make_store(local_store)
+    at = [T0 + 2 * H, T0 + 2 * H, T0 + 2 * H, T0]
+    res = Engine(store, workers=1).features([0, 2, 5, 0], at, ["snapshot.history.count"],
+                                            provenance=True)
+    assert res.status.column(0).to_pylist() == ["ok", "missing", "not_sampled", "not_sampled"]
+    assert res.values.column(0).to_pylist() == [3, None, None, None]
+    assert res.weight is not None and res.weight.to_pylist() == [2.5, 2.5, None, None]
+    prov = res.provenance.column(0).to_pylist()
+    assert [p["source"] for p in prov] == [run_id, run_id, None, None]
+    assert prov[0]["time"].timestamp() * US_PER_S == T0 + H
+    assert prov[0]["age_s"] == 3600.0
+    assert res.lineage["snapshot_runs"] == [run_id]
