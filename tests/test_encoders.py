@@ -26,7 +26,7 @@ REPO = FeatureRepo.load(FIXTURE)
 S = 1_000_000
 DAY = 86_400 * S
 T0 = 1_798_761_600_000_000  # 2027-01-01
-COLS = {"playback": "member_id", "search": "member_id", "rating": "member_id"}
+COLS = {"playback": "member_id", "search": "member_id", "rating": "member_id", "visit": "member_id"}
 
 
 def table(ft: FactType, rows: list[dict[str, Any]]) -> pa.Table:
@@ -56,7 +56,7 @@ def without_batch(enc: Encoder) -> Encoder:
     return twin
 
 
-def run(encs: list[Encoder], ents: list[int], ats: list[int], tables: dict[str, pa.Table],
+def run(encs: list[Encoder], ents: list[Any], ats: list[int], tables: dict[str, pa.Table],
         knowledge: str = "as_known", snapshots: dict[str, pa.Table] | None = None,
         ) -> dict[str, tuple[list[Any], list[str]]]:
     out = evaluate_encoders(encs, pa.array(ents, pa.int64()), np.array(ats, dtype=np.int64),
@@ -320,3 +320,32 @@ def test_batch_accessors_agree_with_the_row_view() -> None:
     assert seen["column"] == [[2.0, None], []] and seen["at"] == ats
     with pytest.raises(EncoderDefinitionError, match="several windows"):
         View.live(1, T0).restrict(enc).facts("playback")
+
+
+def test_row_dicts_are_fresh_copies_with_aware_times() -> None:
+    from datetime import UTC, datetime
+
+    ft = FactType("visit", entity=("member_id", "int64"),
+                  fields={"seen": "timestamp", "meta": "json"})
+
+    @encoder(inputs=[facts("visit")], output="json")
+    def grab(view: View) -> Any:
+        rows = view.facts("visit")
+        out = [[r["event_time"].isoformat(), r["seen"] and r["seen"].isoformat(), r["meta"]]
+               for r in rows]
+        for r in rows:
+            r["meta"] = "mutated"  # must not leak into another query's view
+            assert r["event_time"].tzinfo is UTC
+        return out
+
+    repo = FeatureRepo.from_objects([ft, grab])
+    rows = [{"fact_id": "a", "member_id": 1, "event_time": T0, "logged_at": T0,
+             "ingested_at": T0, "producer": "p", "seen": None, "meta": '{"x":1}'},
+            {"fact_id": "b", "member_id": 1, "event_time": T0 + 1, "logged_at": T0 + 1,
+             "ingested_at": T0, "producer": "p", "seen": T0 - S, "meta": None}]
+    got = run([repo.encoders["grab"]], [1, 1], [T0 + 1, T0 + 1], {"visit": table(ft, rows)})
+    expect = json.dumps([["2027-01-01T00:00:00+00:00", None, {"x": 1}],
+                         ["2027-01-01T00:00:00.000001+00:00", "2026-12-31T23:59:59+00:00",
+                          None]], sort_keys=True, separators=(",", ":"))
+    assert got["grab"] == ([expect, expect], ["ok", "ok"])
+    assert datetime.fromisoformat("2027-01-01T00:00:00+00:00").timestamp() * S == T0

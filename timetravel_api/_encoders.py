@@ -57,7 +57,7 @@ from ttstore import NAME_PATTERN, TIMESTAMP_TYPE, arrow_type, check_name
 from ._errors import EncoderDefinitionError
 from ._features import window_us as _window_us
 from ._versions import code_version, module_source
-from ._view import Batch, View, gather_visible, rows_of
+from ._view import Batch, RowSource, View, visible_positions
 
 __all__ = [
     "Encoder",
@@ -381,30 +381,36 @@ def evaluate_encoders(
     if isinstance(entities, pa.ChunkedArray):
         entities = entities.combine_chunks()
     n = len(at_us)
-    gathered: dict[tuple[str, int | None], tuple[pa.Table, np.ndarray]] = {}
+    found: dict[tuple[str, int | None], tuple[pa.Table, np.ndarray, np.ndarray]] = {}
     for enc in encoders:
         for inp in enc.fact_inputs:
             k = (inp.fact_type, inp.span_us)
-            if k not in gathered:
-                gathered[k] = gather_visible(
+            if k not in found:
+                found[k] = visible_positions(
                     facts[inp.fact_type], entity_cols[inp.fact_type], entities, at_us,
                     span_us=inp.span_us, knowledge=knowledge)
+    flat: dict[tuple[str, int | None], tuple[pa.Table, np.ndarray]] = {}
+    sources: dict[tuple[str, int | None], RowSource] = {}
     out: dict[str, tuple[pa.Array, np.ndarray]] = {}
-    row_cache: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
     for enc in encoders:
-        mine = {(i.fact_type, i.window): gathered[(i.fact_type, i.span_us)]
-                for i in enc.fact_inputs}
         snaps = {s: snapshots[s] for s in enc.services}
         result = None
         if enc.batch_fn is not None:
-            result = _run_batch(enc, Batch(entities, at_us, mine, snaps, knowledge), n)
-        if result is None:
-            rows = {}
             for i in enc.fact_inputs:
                 k = (i.fact_type, i.span_us)
-                if k not in row_cache:
-                    row_cache[k] = rows_of(gathered[k][0], enc.json_fields.get(i.fact_type, ()))
-                rows[(i.fact_type, i.window)] = (row_cache[k], gathered[k][1])
+                if k not in flat:
+                    table, pos, off = found[k]
+                    flat[k] = (table.take(pa.array(pos, pa.int64())), off)
+            mine = {(i.fact_type, i.window): flat[(i.fact_type, i.span_us)]
+                    for i in enc.fact_inputs}
+            result = _run_batch(enc, Batch(entities, at_us, mine, snaps, knowledge), n)
+        if result is None:
+            for i in enc.fact_inputs:
+                k = (i.fact_type, i.span_us)
+                if k not in sources:
+                    sources[k] = RowSource(*found[k], enc.json_fields.get(i.fact_type, ()))
+            rows = {(i.fact_type, i.window): sources[(i.fact_type, i.span_us)]
+                    for i in enc.fact_inputs}
             result = _run_rows(enc, entities, at_us, rows, snaps, knowledge)
         out[enc.name] = result
     return out
@@ -436,7 +442,7 @@ def _run_batch(enc: Encoder, batch: Batch, n: int) -> tuple[pa.Array, np.ndarray
 
 def _run_rows(
     enc: Encoder, entities: pa.Array, at_us: np.ndarray,
-    rows: Mapping[tuple[str, str | None], tuple[list[dict[str, Any]], np.ndarray]],
+    rows: Mapping[tuple[str, str | None], RowSource],
     snaps: Mapping[str, pa.Table], knowledge: str,
 ) -> tuple[pa.Array, np.ndarray]:
     n = len(at_us)
@@ -446,7 +452,7 @@ def _run_rows(
     values: list[Any] = [None] * n
     status = np.full(n, "ok", dtype=object)
     for q in range(n):
-        fview = {ft: r[off[q]:off[q + 1]] for ft, (r, off) in rows.items()}
+        fview = {key: src.rows(q) for key, src in rows.items()}
         payloads = {s: (json.loads(snap_json[s][q]) if snap_status[s][q] == "ok"
                         and snap_json[s][q] is not None else None) for s in snaps}
         statuses = {s: snap_status[s][q] for s in snaps}
