@@ -5,7 +5,6 @@ positions to positions among them with a prefix count of non-null flags (exact i
 :class:`Visible` holds, per query row, the window as a range of those positions plus the as_known
 corrections: for the few rows whose window holds a value logged after ``t``, the positions that
 remain visible.
-
 """
 
 from __future__ import annotations
