@@ -55,6 +55,8 @@ from ._partition import (
 STATUSES = ("ok", "missing", "stale", "not_sampled", "error")
 #: Batches at least this big go to the process pool (when there is more than one worker).
 DEFAULT_PARALLEL_MIN_ROWS = 200_000
+#: The process pool is used only when at most this share of the bytes to read is raw files.
+RAW_SHARE_FOR_POOL = 0.25
 
 
 @dataclass(frozen=True)
@@ -187,11 +189,14 @@ class Engine:
             "fact_partitions": {}, "fact_files": {}, "snapshot_runs": [],
             "encoder_versions": {},
         }
+        raw_bytes = total_bytes = 0
         for g in plan.groups:
             files = self.facts.live_files(g.fact_type, start_us=g.start_us, end_us=g.end_us)
             parts, keys = lineage_files(files)
             lineage["fact_partitions"][g.fact_type] = parts
             lineage["fact_files"][g.fact_type] = keys
+            total_bytes += sum(f.size for f in files)
+            raw_bytes += sum(f.size for f in files if f.kind != "compacted")
 
         queries = pa.table({ROW: pa.array(np.arange(len(ent), dtype=np.int64)), ENTITY: ent,
                             AT: pa.array(at_us, pa.int64())}, schema=plan.query_schema())
@@ -201,7 +206,10 @@ class Engine:
             from ._spark import run_spark  # noqa: PLC0415
 
             wire = run_spark(self.store.url, queries, plan, workers=self.workers)
-        elif len(ent) >= self.parallel_min_rows and self.workers > 1:
+        elif (len(ent) >= self.parallel_min_rows and self.workers > 1
+              and raw_bytes <= RAW_SHARE_FOR_POOL * total_bytes):
+            # Each worker reads its own entity range: only its row groups of compacted files,
+            # but every raw (unsorted) file whole; so mostly-raw data stays in-process.
             wire = run_pool(self.store.url, queries, plan, workers=self.workers,
                             progress=progress)
         else:
