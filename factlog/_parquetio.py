@@ -58,6 +58,85 @@ class FooterCache:
         return footer
 
 
+class RowGroupCache:
+    """Decoded row groups of fact files, least recently used evicted beyond ``max_bytes``.
+
+    Fact objects are immutable, so a row group once decoded can be kept for as long as memory
+    allows; a new object (a flush, a compaction) has a new key and is read on first use, so the
+    cache never hides new data. Listings are never cached here. Thread-safe.
+    """
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[tuple[str, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fs: Any, footer: _Footer, key: str, group: int, schema: pa.Schema,
+            columns: tuple[str, ...]) -> pa.Table:
+        k = (key, group, columns)
+        with self._lock:
+            hit = self._items.get(k)
+            if hit is not None:
+                self._items.move_to_end(k)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        frag = footer.fragment.subset(row_group_ids=[group])
+        table = ds.FileSystemDataset([frag], schema, _PARQUET, fs).to_table(
+            columns=list(columns), use_threads=False).combine_chunks()
+        size = table.nbytes
+        if size > self.max_bytes:
+            return table
+        with self._lock:
+            if k not in self._items:
+                self._items[k] = table
+                self.bytes += size
+            while self.bytes > self.max_bytes and self._items:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return table
+
+
+def _cached_rows(
+    fs: Any, files: Sequence[FactFile], schema: pa.Schema, cols: list[str], entity: str,
+    entities: pa.Array, wanted: np.ndarray, cache: FooterCache, row_groups: RowGroupCache,
+    root: str,
+) -> pa.Table | None:
+    """The rows of ``entities`` through the row-group cache; None if some file has no entity
+    statistics (the caller reads those the usual way). Compacted files are sorted by entity, so
+    only the slice between the smallest and largest wanted key is kept from each group."""
+    read_cols = tuple(cols if entity in cols else [*cols, entity])
+    sortable = pa.types.is_integer(schema.field(entity).type)
+    pieces = []
+    for f in files:
+        footer = cache.get(fs, f"{root}/{f.key}", f.key, entity)
+        if footer.mins is None or footer.maxs is None:
+            return None
+        lo = np.searchsorted(wanted, footer.mins, "left")
+        hi = np.searchsorted(wanted, footer.maxs, "right")
+        for g in np.flatnonzero(hi > lo).tolist():
+            t = row_groups.get(fs, footer, f.key, g, schema, read_cols)
+            if sortable and f.kind == "compacted" and t.num_rows:
+                ent = t.column(entity).chunk(0).to_numpy(zero_copy_only=False)
+                a = int(np.searchsorted(ent, wanted[0], "left"))
+                b = int(np.searchsorted(ent, wanted[-1], "right"))
+                t = t.slice(a, b - a)
+            if t.num_rows:
+                pieces.append(t)
+    if not pieces:
+        return schema.empty_table().select(list(cols))
+    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+    if len(wanted) > 1 or not sortable:
+        table = table.filter(pc.is_in(table.column(entity), value_set=entities))
+    else:
+        table = table.filter(pc.equal(table.column(entity), pa.scalar(wanted[0], table.column(
+            entity).type)))
+    return table.select(list(cols))
+
+
 def _load(fs: Any, path: str, entity: str) -> _Footer:
     frag = _PARQUET.make_fragment(path, filesystem=fs)
     md = frag.metadata  # reads the footer
@@ -78,7 +157,7 @@ def read_files(
     store: Store, files: Sequence[FactFile], schema: pa.Schema, *,
     columns: Sequence[str] | None = None, filter: pc.Expression | None = None,
     entity: str | None = None, entities: pa.Array | None = None,
-    cache: FooterCache | None = None,
+    cache: FooterCache | None = None, row_groups: RowGroupCache | None = None,
 ) -> pa.Table:
     """Every row of ``files`` in ``schema`` (missing fields null), without deduplication.
 
@@ -88,6 +167,8 @@ def read_files(
         entity, entities: only rows whose ``entity`` column is in ``entities`` (row groups
             that cannot hold one are skipped).
         cache: keeps footers across calls.
+        row_groups: keeps decoded row groups across calls (used for entity reads without a
+            ``filter``).
 
     Raises:
         FileNotFoundError: a file is gone (deleted after its compaction's grace period).
@@ -110,6 +191,11 @@ def read_files(
             return dataset.to_table(columns=cols, filter=filter, use_threads=True)
         wanted = np.sort(entities.to_numpy(zero_copy_only=False))
         cache = cache or FooterCache()
+        if row_groups is not None and filter is None and len(wanted):
+            cached = _cached_rows(fs, files, schema, cols, entity, entities, wanted, cache,
+                                  row_groups, root)
+            if cached is not None:
+                return cached
         frags = []
         for f in files:
             footer = cache.get(fs, f"{root}/{f.key}", f.key, entity)

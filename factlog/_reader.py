@@ -36,7 +36,7 @@ from ._dedup import (
     nulls_first,
 )
 from ._facttypes import FactType, FactTypeCatalog
-from ._parquetio import FooterCache, read_files
+from ._parquetio import FooterCache, RowGroupCache, read_files
 from ._partitions import FactFile, Partition, RecordCache, list_partitions
 
 #: Columns a deduplicating scan always reads, whatever was asked for.
@@ -65,6 +65,9 @@ class FactReader:
         self.schema_refresh_s = schema_refresh_s
         self._records = RecordCache()
         self._footers = FooterCache()
+        #: Set a :class:`~factlog._parquetio.RowGroupCache` to keep decoded row groups between
+        #: scans (the query server does); None reads them every time.
+        self.row_groups: RowGroupCache | None = None
         self._schema_at: dict[str, float] = {}
 
     # -- listing ---------------------------------------------------------------------------------
@@ -192,7 +195,8 @@ class FactReader:
         entities: pa.Array | None, filt: pc.Expression | None = None,
     ) -> pa.Table:
         return read_files(self.store, files, schema, columns=columns, filter=filt,
-                          entity=schema.names[1], entities=entities, cache=self._footers)
+                          entity=schema.names[1], entities=entities, cache=self._footers,
+                          row_groups=self.row_groups)
 
     def _dedup(
         self, ft: FactType, schema: pa.Schema, files: Sequence[FactFile], table: pa.Table,

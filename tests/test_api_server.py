@@ -406,3 +406,25 @@ async def test_metrics_have_routes_and_engine_timings(client: Any) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'route="/v1/features"' in text
     assert 'timetravel_api_engine_seconds_count{operation="features"} 1.0' in text
+
+
+async def test_same_answers_after_compaction_through_the_cache(client: Any,
+                                                               seeded: Store) -> None:
+    from factlog import CompactionConfig, Compactor
+
+    body = {"rows": rows_json(), "features": FEATURES, "knowledge": "event"}
+    before = await (await client.post("/v1/features", json=body, headers=R)).json()
+    one = {"at": format_timestamp(T0 + 5 * DAY), "features": ",".join(FEATURES),
+           "knowledge": "event"}
+    one_before = await (await client.get(f"/v1/features/{BIG}", params=one, headers=R)).json()
+    report = Compactor(seeded, config=CompactionConfig(grace_us=0, min_files=1)).run()
+    assert report.totals().get("files_out", 0) >= 1
+    for _ in range(2):  # the second time from cached (sliced) row groups
+        after = await (await client.post("/v1/features", json=body, headers=R)).json()
+        assert after == before
+        one_after = await (await client.get(f"/v1/features/{BIG}", params=one,
+                                            headers=R)).json()
+        assert one_after == one_before
+    assert one_before["features"]["play.secs.last"] == 10.0
+    health = await (await client.get("/healthz")).json()
+    assert health["row_group_cache"]["hits"] > 0

@@ -35,6 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
 from factlog import FactReader, FactTypeCatalog, producer_watermarks
+from factlog._parquetio import RowGroupCache
 from snapshotter import SnapshotReader, list_selections
 from ttstore import (
     Authenticator,
@@ -129,7 +130,11 @@ class _Api:
             store, catalog=self.catalog)
         self.snapshots: SnapshotReader = getattr(engine, "snapshots", None) or SnapshotReader(
             store, cache_bytes=config.cache_bytes)
-        self.snapshots.cache_bytes = config.cache_bytes
+        # The memory budget: half for decoded fact row groups, half for snapshot objects.
+        self.snapshots.cache_bytes = config.cache_bytes // 2
+        self.row_groups = RowGroupCache(max_bytes=config.cache_bytes // 2)
+        if config.cache_bytes:
+            self.facts.row_groups = self.row_groups
         self.resolver = FeatureResolver(engine=engine, snapshots=self.snapshots)
         self.timings = Histogram(
             "timetravel_api_engine_seconds", "time spent computing answers, by operation",
@@ -147,7 +152,10 @@ class _Api:
         return await asyncio.get_running_loop().run_in_executor(None, timed)
 
     def health(self) -> dict[str, Any]:
-        return {"service": "api", "jobs_active": self.jobs.active()}
+        rg = self.row_groups
+        return {"service": "api", "jobs_active": self.jobs.active(),
+                "row_group_cache": {"bytes": rg.bytes, "max_bytes": rg.max_bytes,
+                                    "hits": rg.hits, "misses": rg.misses}}
 
     # -- features --------------------------------------------------------------------------------
     def _compute(self, req: FeatureRequest) -> tuple[pa.Array, Any, frozenset[str]]:

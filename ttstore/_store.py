@@ -127,17 +127,27 @@ class LocalBackend:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
             return [ObjectInfo(prefix, base.stat().st_size)]
+        # os.scandir with plain strings: the query server lists partitions on every request.
         out: list[ObjectInfo] = []
-        for dirpath, _dirs, files in os.walk(base):
-            for f in files:
-                if f.startswith("_tmp."):
-                    continue
-                p = Path(dirpath) / f
-                try:
-                    size = p.stat().st_size
-                except FileNotFoundError:
-                    continue  # deleted while we walked
-                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), size))
+        skip = len(str(self.root)) + 1
+        stack = [str(base)]
+        while stack:
+            try:
+                it = os.scandir(stack.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # deleted while we walked
+            with it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                        continue
+                    if e.name.startswith("_tmp.") or e.is_dir():  # a link to a directory
+                        continue
+                    try:
+                        size = e.stat().st_size
+                    except FileNotFoundError:
+                        continue  # deleted while we walked
+                    out.append(ObjectInfo(e.path[skip:].replace(os.sep, "/"), size))
         out.sort(key=lambda o: o.key)
         return out
 

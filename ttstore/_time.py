@@ -6,6 +6,7 @@ Every time inside Timetravel is an ``int`` of microseconds since the Unix epoch,
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -170,5 +171,6 @@ def day_to_date(day: int) -> str:
     return (_EPOCH + timedelta(days=int(day))).strftime("%Y-%m-%d")
 
 
+@functools.lru_cache(maxsize=65536)
 def date_to_day(date: str) -> int:
     return (datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC) - _EPOCH).days

@@ -1,0 +1,189 @@
+"""Online as-of lookups through the query server: ``GET /v1/features/{entity_id}`` of 3 built-in
+features at random past times, at a fixed request rate from a separate load-generator process.
+
+Data (``bench/_pitdata.py``, compacted): facts of ``t`` over 30 days (300k facts / 10k entities
+with ``--quick``, 3M / 100k otherwise). The real CLI server (``timetravel api serve --no-auth``,
+local store) runs in its own process; the load generator (plain asyncio + aiohttp, another
+process) sends requests open-loop on a fixed schedule (500/s), so a slow answer never slows the
+offered rate. A latency is measured from the request's *scheduled* start to the end of its
+answer, so queueing behind a slow request counts. The first seconds warm the server (footers,
+row groups, catalog) and are not measured.
+
+    .venv/bin/python -m bench.api_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from ttstore import US_PER_DAY, Store, format_timestamp
+
+from ._pitdata import FEATURES, T0, generate_facts
+from ._support import free_port, percentiles_us
+from ._types import Result, at_most
+
+RATE_PER_S = 500
+P50_TARGET_MS = 2.0
+P99_TARGET_MS = 10.0
+NOW = format_timestamp(T0 + 40 * US_PER_DAY)
+
+
+def say(msg: str) -> None:
+    print(f"[api_bench] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the load generator (its own process) --------------------------------------------------------
+
+
+async def _load(url: str, rate: float, n: int, n_entities: int, seed: int) -> dict[str, object]:
+    import aiohttp  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    ents = rng.integers(0, n_entities, n)
+    ats = T0 + 10 * US_PER_DAY + rng.integers(0, 20 * US_PER_DAY, n)
+    feats = ",".join(FEATURES)
+    lat_ns = np.full(n, -1, dtype=np.int64)
+    errors: dict[str, int] = {}
+    conn = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def one(i: int, scheduled_ns: int) -> None:
+            try:
+                async with session.get(f"{url}/v1/features/{ents[i]}", params={
+                        "at": format_timestamp(int(ats[i])), "features": feats}) as resp:
+                    body = await resp.read()
+                    if resp.status != 200 or b'"features"' not in body:
+                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                        return
+            except Exception as exc:  # counted, never fatal
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            lat_ns[i] = time.perf_counter_ns() - scheduled_ns
+
+        tasks = []
+        t0 = time.perf_counter_ns() + 50_000_000
+        step = 1e9 / rate
+        for i in range(n):
+            due = t0 + int(i * step)
+            delay = (due - time.perf_counter_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        elapsed_s = (time.perf_counter_ns() - t0) / 1e9
+    return {"lat_ns": lat_ns.tolist(), "errors": errors, "elapsed_s": elapsed_s}
+
+
+def loadgen_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--rate", type=float, required=True)
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--entities", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    res = asyncio.run(_load(a.url, a.rate, a.n, a.entities, a.seed))
+    Path(a.out).write_text(json.dumps(res))
+    return 0
+
+
+def run_loadgen(url: str, *, rate: float, n: int, entities: int, seed: int, out: Path
+                ) -> dict[str, object]:
+    subprocess.run([sys.executable, "-m", "bench.api_bench", "--loadgen", "--url", url,
+                    "--rate", str(rate), "--n", str(n), "--entities", str(entities),
+                    "--seed", str(seed), "--out", str(out)], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)
+    res: dict[str, object] = json.loads(out.read_text())
+    return res
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the api server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the api server did not become healthy")
+
+
+def run(quick: bool) -> list[Result]:
+    n_facts, n_entities = (300_000, 10_000) if quick else (3_000_000, 100_000)
+    warm_s, measure_s = (3, 10) if quick else (5, 30)
+    tmp = Path(tempfile.mkdtemp(prefix="tt-api-bench-"))
+    say(f"generating {n_facts:,} facts over {n_entities:,} entities (compacted)")
+    generate_facts(Store(str(tmp / "store")), n_facts, n_entities)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).parent / "timetravel"
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(exe), "api", "serve", "--store", str(tmp / "store"), "--no-auth", "--port",
+         str(port), "--now", NOW], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(base, proc)
+        say(f"warming for {warm_s}s at {RATE_PER_S}/s")
+        run_loadgen(base, rate=RATE_PER_S, n=RATE_PER_S * warm_s, entities=n_entities, seed=7,
+                    out=tmp / "warm.json")
+        say(f"measuring {measure_s}s at {RATE_PER_S}/s")
+        res = run_loadgen(base, rate=RATE_PER_S, n=RATE_PER_S * measure_s,
+                          entities=n_entities, seed=8, out=tmp / "measure.json")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    lat = np.asarray(res["lat_ns"], dtype=np.int64)
+    ok = lat[lat >= 0]
+    errors: dict[str, int] = res["errors"]  # type: ignore[assignment]
+    n_err = int(sum(errors.values()))
+    p50, p99, pmax = (v / 1000 for v in percentiles_us(ok, (50, 99, 100)))
+    achieved = len(lat) / float(res["elapsed_s"])  # type: ignore[arg-type]
+    note = (f"{n_facts:,} facts / {n_entities:,} entities, {len(lat):,} GETs of "
+            f"{', '.join(FEATURES)} at random past times; open loop at {RATE_PER_S}/s "
+            f"(achieved {achieved:.0f}/s), warm; latency from scheduled start; "
+            f"server and load generator share the machine's cores")
+    say(f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {pmax:.1f} ms, errors {errors}")
+    return [
+        Result(f"api lookup p50 at {RATE_PER_S}/s", p50, "ms", target=at_most(P50_TARGET_MS),
+               note=note),
+        Result(f"api lookup p99 at {RATE_PER_S}/s", p99, "ms", target=at_most(P99_TARGET_MS),
+               note=f"max {pmax:.1f} ms"),
+        Result(f"api lookup errors at {RATE_PER_S}/s", float(n_err), "requests",
+               target=at_most(0), note=json.dumps(errors) if errors else "none"),
+    ]
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
+        return loadgen_main(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    for r in run(args.quick):
+        target = r.target.describe(r.unit) if r.target else "-"
+        print(f"{r.metric}: {r.value:.3f} {r.unit}  (target {target}; met {r.met})  {r.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
