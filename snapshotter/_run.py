@@ -166,7 +166,14 @@ class SnapshotRunner:
             RunConflict: the slot's pinned plan disagrees with these arguments or services.
             SelectionNotFound: no such selection, or none selected by now.
             RunInterrupted: ``stop`` was set; what was staged is kept for the resume.
+            InvalidRunOption: the slot is after now.
         """
+        if slot_us > self.clock.now_us():
+            raise InvalidRunOption(
+                f"slot {format_timestamp(slot_us)} is after now "
+                f"({format_timestamp(self.clock.now_us())}): a run cannot snapshot the future",
+                field="slot",
+            )
         done = load_manifest(self.store, slot_us)
         if done is not None:
             with contextlib.suppress(Exception):
@@ -195,8 +202,11 @@ class SnapshotRunner:
             return RunOutcome("waiting_for_shards", slot_us, plan.run_id, None, missing)
         try:
             manifest = commit_run(self.store, plan, have, self.clock)
-        except RunAlreadyCommitted:
+        except (RunAlreadyCommitted, ObjectNotFound):
+            # Another process committed first (and may have cleaned the staging we read).
             done = load_manifest(self.store, slot_us)
+            if done is None:
+                raise
             return RunOutcome("already_committed", slot_us, plan.run_id, done)
         log.info("event=run_committed run_id=%s", plan.run_id)
         cleanup_staging(self.store, slot_us)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -53,6 +54,8 @@ def register_run_cli(ssub: Any) -> None:
     )
     add_common_options(sched, now=True)
     _cadence_options(sched, required=True)
+    sched.add_argument("--shard", metavar="i/n", help="run shard i of n of every slot (one "
+                       "scheduler per shard); default: the whole run")
     _run_options(sched)
     sched.add_argument("--retry-s", type=float, default=60.0, help="wait before retrying a "
                        "failed slot (60)")
@@ -197,11 +200,12 @@ def _schedule(args: argparse.Namespace) -> int:
     store = open_store(args)
     clock = clock_from_now(args.now)
     cadence = Cadence.parse(every=args.every, cron=args.cron)
+    shard, shards = parse_shard(args.shard) if args.shard else (None, None)
     with _stop_on_sigterm() as stop, _progress(False) as on_chunk:
         runner = _runner(args, store, clock, stop, on_chunk)
         Scheduler(
             cadence=cadence,
-            run_slot=runner.run,
+            run_slot=functools.partial(runner.run, shard=shard, shards=shards),
             clock=clock,
             stop=stop,
             committed_slots=committed_slots_of(ManifestCache(store)),
