@@ -530,3 +530,13 @@ def test_memory_stays_bounded_from_10k_to_200k_contexts(tmp_path):
             assert (got["state"], got["requested"], got["fetched_ok"]) == ("committed", n, n)
             assert got["maxrss_mb"] < MAX_RSS_MB, (n, got)
             assert external_rows(store, "profile") == n
+
+
+def test_a_slot_after_now_is_refused(local_store):
+    from snapshotter import InvalidRunOption
+
+    make_selection(local_store, 20, 5)
+    fleet = Fleet({"profile": lambda e: {"age": 1}})
+    with pytest.raises(InvalidRunOption, match="after now"):
+        runner(local_store, fleet, clock=ManualClock(T0)).run(T0 + 3600 * US_PER_S)
+    assert local_store.list("snapshots/runs") == []
