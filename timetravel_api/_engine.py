@@ -57,6 +57,9 @@ STATUSES = ("ok", "missing", "stale", "not_sampled", "error")
 DEFAULT_PARALLEL_MIN_ROWS = 200_000
 #: The process pool is used only when at most this share of the bytes to read is raw files.
 RAW_SHARE_FOR_POOL = 0.25
+#: Smaller batches also use the pool when they have this many rows and this much to read.
+POOL_MIN_ROWS = 20_000
+POOL_MIN_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ class Engine:
             services and encoders; optional.
         clock: "now", for the completeness flag (default: the system clock).
         workers: processes for big batches (default: the number of cores).
-        parallel_min_rows: batches at least this big run in the process pool.
+        parallel_min_rows: batches at least this big run in the process pool (smaller ones
+            too from ``POOL_MIN_ROWS`` rows when there are ``POOL_MIN_BYTES`` to read), as long
+            as the data is mostly compacted; online-sized lookups always run in-process.
 
     Thread-safe for concurrent ``features`` calls.
     """
@@ -206,8 +211,9 @@ class Engine:
             from ._spark import run_spark  # noqa: PLC0415
 
             wire = run_spark(self.store.url, queries, plan, workers=self.workers)
-        elif (len(ent) >= self.parallel_min_rows and self.workers > 1
-              and raw_bytes <= RAW_SHARE_FOR_POOL * total_bytes):
+        elif (self.workers > 1 and raw_bytes <= RAW_SHARE_FOR_POOL * total_bytes
+              and (len(ent) >= self.parallel_min_rows
+                   or (len(ent) >= POOL_MIN_ROWS and total_bytes >= POOL_MIN_BYTES))):
             # Each worker reads its own entity range: only its row groups of compacted files,
             # but every raw (unsorted) file whole; so mostly-raw data stays in-process.
             wire = run_pool(self.store.url, queries, plan, workers=self.workers,
