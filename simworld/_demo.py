@@ -48,7 +48,7 @@ from snapshotter import (
     select_contexts,
 )
 from timetravel_api import FeatureRepo
-from ttstore import US_PER_DAY, US_PER_S, Store, format_timestamp
+from ttstore import US_PER_DAY, US_PER_S, Store, TimetravelError, format_timestamp, parse_timestamp
 
 from ._compute import ComputeApp, running_compute_app, sigmoid
 from ._server import running_world
@@ -134,6 +134,11 @@ def run_demo(store: Store, config: DemoConfig, *, out: TextIO | None = None) -> 
     from ._demo_train import evaluate_parity, train_and_score  # noqa: PLC0415
 
     stream = out if out is not None else sys.stdout
+    if store.list("catalog/fact_types/recommendation_request/"):
+        raise TimetravelError(
+            f"the store {store.url} already holds a demo run; the demo needs a store of its "
+            "own: pass a fresh --store (e.g. --store ./timetravel-demo-2) or remove this one",
+            code="demo_store_not_empty")
     t_start = time.perf_counter()
     cfg = config
     world = World(seed=cfg.seed, members=cfg.members, start_us=cfg.start_us)
@@ -398,6 +403,4 @@ def _position_p(n: int) -> np.ndarray:
 
 
 def _us(text: str) -> int:
-    from ttstore import parse_timestamp  # noqa: PLC0415
-
     return parse_timestamp(text, field="played_at")

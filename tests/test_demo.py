@@ -166,6 +166,19 @@ def test_report_in_the_store(tiny: tuple[Store, DemoResult, str]) -> None:
     assert prefix in text
 
 
+def test_a_second_demo_into_the_same_store_is_refused(
+    tiny: tuple[Store, DemoResult, str]
+) -> None:
+    from ttstore import TimetravelError
+
+    store, _, _ = tiny
+    before = [o.key for o in store.list("facts/")]
+    with pytest.raises(TimetravelError) as exc:
+        run_demo(store, TINY, out=io.StringIO())
+    assert exc.value.code == "demo_store_not_empty" and "--store" in exc.value.message
+    assert [o.key for o in store.list("facts/")] == before
+
+
 def test_one_class_split_is_undefined_not_a_crash() -> None:
     x = np.arange(20, dtype=np.float64).reshape(10, 2)
     y_one = np.zeros(10, np.int64)
