@@ -428,3 +428,22 @@ async def test_same_answers_after_compaction_through_the_cache(client: Any,
     assert one_before["features"]["play.secs.last"] == 10.0
     health = await (await client.get("/healthz")).json()
     assert health["row_group_cache"]["hits"] > 0
+
+
+async def test_provenance_on_request(client: Any) -> None:
+    at = T0 + 10 * H
+    body = {"rows": [{"entity_id": 1, "at": format_timestamp(at)}],
+            "features": ["play.video_id.last", "play.count.1d"], "provenance": True}
+    got = await (await client.post("/v1/features", json=body, headers=R)).json()
+    prov = got["rows"][0]["provenance"]["play.video_id.last"]
+    assert prov["time"] == format_timestamp(T0 + 5 * H)
+    assert prov["age_s"] == 5 * 3600.0
+    assert prov["source"].startswith("facts/play/date=2027-01-01/")
+    arrow = await client.post("/v1/features", json=body, headers={**R, "Accept": ARROW})
+    table = arrow_from_ipc(await arrow.read())
+    assert table.column_names[-2:] == ["status", "provenance"]
+    assert table.column("provenance")[0].as_py()["play.video_id.last"]["source"] == \
+        prov["source"]
+    plain = await (await client.post("/v1/features", json={**body, "provenance": False},
+                                     headers=R)).json()
+    assert "provenance" not in plain["rows"][0]

@@ -289,9 +289,8 @@ def feature_table_arrow(
     arrays.append(pa.chunked_array([st]))
     fields.append("status")
     if provenance is not None:
-        pv = provenance.combine_chunks()
         arrays.append(pa.chunked_array([pa.StructArray.from_arrays(
-            list(pv.columns), names=pv.column_names)]))
+            [c.combine_chunks() for c in provenance.columns], names=provenance.column_names)]))
         fields.append("provenance")
     return pa.Table.from_arrays(arrays, names=fields)
 
