@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factlog import FactReader
-from timetravel_api import FeatureRepo, build_training_set, parity_report
+from timetravel_api import Engine, FeatureRepo, build_training_set, parity_report
 from ttstore import TIMESTAMP_TYPE, US_PER_DAY, US_PER_S, ManualClock, Store
 
 LABEL_WINDOW_US = 3600 * US_PER_S
@@ -147,8 +147,9 @@ def train_and_score(store: Store, repo: FeatureRepo, cfg: Any, *, end_us: int,
 def evaluate_parity(store: Store, repo: FeatureRepo, *, say: Callable[[str], None]) -> dict[
     str, Any
 ]:
-    """``parity_report`` over every served request, at its ``logged_at``."""
-    report = parity_report(store, repo)
+    """``parity_report`` over every served request, at its ``logged_at``, reconstructed by the
+    same :class:`Engine` that builds training sets."""
+    report = parity_report(store, repo, engine=Engine(store, repo=repo))
     fact_fed = [n for n, e in repo.encoders.items() if e.fact_fed]
     say(f"[6/7] parity over {report.requests:,} served requests at their logged_at: "
         f"fact-fed encoders ({', '.join(fact_fed)}) mismatches: "
