@@ -251,7 +251,7 @@ def _list(args: argparse.Namespace) -> int:
         for r in runs:
             print(json.dumps(r))
         return 0
-    print(f"{'SLOT':27} {'STATE':9} {'RUN_ID':27} {'SELECTION':18} {'COMMITTED_AT':27} "
+    print(f"{'SLOT':27} {'STATE':9} {'RUN_ID':27} {'SELECTION':35} {'COMMITTED_AT':27} "
           "SERVICES (confidence) / MISSING SHARDS")
     for r in runs:
         if r["state"] == "committed":
@@ -262,6 +262,6 @@ def _list(args: argparse.Namespace) -> int:
                 f"incomplete: shard(s) {missing} of {r['shards']} not committed"
                 if missing else "every part committed; the next run of this slot commits it"
             )
-        print(f"{r['slot']:27} {r['state']:9} {r['run_id']:27} {r['selection_id'][:18]:18} "
+        print(f"{r['slot']:27} {r['state']:9} {r['run_id']:27} {r['selection_id']:35} "
               f"{r['committed_at'] or '-':27} {detail}")
     return 0

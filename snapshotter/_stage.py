@@ -29,7 +29,6 @@ from ._manifest import RunPlan, StagedChunk, chunk_key
 from ._typing import field_values, infer_kinds, payload_columns, unify
 
 KINDS_METADATA = b"timetravel.kinds"
-STATUSES = ("ok", "missing", "error")
 
 
 class FetchResultLike(Protocol):
