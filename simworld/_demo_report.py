@@ -176,6 +176,9 @@ def _markdown(s: dict[str, Any]) -> str:
         f"played within 1 hour ({t['positives']:,} positives). Features as known at each "
         f"request (`build_training_set`, knowledge `as_known`); {t['weighted_rows']:,} rows "
         "of panel members carry the design weight 1/pi and train the model.", "",
+        "Late plays: in event mode at the same instants these features would differ (rows): "
+        + (", ".join(f"{f} {n:,}" for f, n in t["late_facts_changed_rows"].items() if n)
+           or "none") + ". `as_known` keeps them as the service knew them.", "",
         "![features](features.png)", "",
         "## A model, and what a leak does", "",
         f"Split by time: test days from day {t['split']['test_days_from']}. "

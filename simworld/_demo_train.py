@@ -105,6 +105,13 @@ def train_and_score(store: Store, repo: FeatureRepo, cfg: Any, *, end_us: int,
         1, "at", pa.array(np.full(labels.num_rows, end_us, np.int64)).cast(TIMESTAMP_TYPE))
     leaky = build_training_set(leaky_labels, features, store=store, repo=repo,
                                knowledge="event", clock=clock)
+    # The same instants in event mode: late facts count as if known on time. The rows whose
+    # values differ are the ones as_known protects.
+    event = build_training_set(labels, features, store=store, repo=repo, knowledge="event",
+                               clock=clock)
+    late_changed = {f: int(sum(a != b for a, b in zip(pit.column(f).to_pylist(),
+                                                       event.column(f).to_pylist(), strict=True)))
+                    for f in features}
     y = labels.column("played_1h").to_numpy()
     day = labels.column("day").to_numpy()
     weight = pc.fill_null(pit.column("weight"), np.nan).to_numpy(zero_copy_only=False)
@@ -115,6 +122,9 @@ def train_and_score(store: Store, repo: FeatureRepo, cfg: Any, *, end_us: int,
         f"features, {int(y.sum()):,} played within 1h; {int(sampled.sum()):,} rows of panel "
         f"members carry design weights; train days < {cfg.days - cfg.held_out_days}, "
         f"test days >= {cfg.days - cfg.held_out_days}")
+    changed = {f: n for f, n in late_changed.items() if n}
+    say("      late facts: as_known vs event mode at the same instants differ in "
+        + (", ".join(f"{f} ({n:,} rows)" for f, n in changed.items()) or "no feature"))
     x_pit, x_leak = _matrix(pit, features), _matrix(leaky, features)
     models = {
         "point_in_time": _fit_score(x_pit[tr], y[tr], weight[tr], x_pit[te], y[te], weight[te],
@@ -137,6 +147,7 @@ def train_and_score(store: Store, repo: FeatureRepo, cfg: Any, *, end_us: int,
         "features": features, "split": {"test_days_from": cfg.days - cfg.held_out_days},
         "models": {k: {kk: vv for kk, vv in v.items() if kk != "roc"} for k, v in models.items()},
         "leak_inflation": inflation,
+        "late_facts_changed_rows": late_changed,
         "weight_sum_by_day": {int(d): float(weight[sampled & (day == d)].sum())
                               for d in np.unique(day)},
     }

@@ -125,6 +125,9 @@ def test_training_set_rows_labels_and_weights(tiny: tuple[Store, DemoResult, str
     end = TINY.start_us + TINY.days * US_PER_DAY - 1
     assert set(leaky.column("at").cast(pa.int64()).to_pylist()) == {end}
     assert leaky.column("request_id").to_pylist() == ids
+    # late plays: event mode at the same instants sees plays as_known does not know yet
+    changed = result.summary["training"]["late_facts_changed_rows"]
+    assert changed["minutes_7d"] > 0 and changed["requests_1d"] == 0
 
 
 def test_time_split_auc_from_real_models(tiny: tuple[Store, DemoResult, str]) -> None:
