@@ -32,7 +32,7 @@ import aiohttp
 import numpy as np
 
 from ._errors import ServiceConfigError
-from ._ratelimit import QpsLimiter
+from ._ratelimit import QpsLimiter, Ticket
 from ._services import ServiceConfig
 
 __all__ = ["ERROR_KINDS", "FetchResult", "ServiceFetcher"]
@@ -95,6 +95,9 @@ class ServiceFetcher:
         qps_share: this process's share of ``max_qps`` (``1/n`` for ``--shard i/n``).
         session: an aiohttp session to use (and not close); by default one is made on first
             use, with a connection pool of ``max_concurrency``, and closed by :meth:`aclose`.
+            With a session of your own, a request counts toward ``max_qps`` from when it was
+            granted until its answer (a conservative stand-in for when it was sent, which only
+            the fetcher's own session observes).
         batch_size: ids per batch request (default: the config's ``batch_size``).
         environ: where header ``${VAR}`` are read (default ``os.environ``).
         seed: seeds the backoff jitter (tests); None for entropy.
@@ -165,8 +168,20 @@ class ServiceFetcher:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.config.max_concurrency)
-            self._session = aiohttp.ClientSession(connector=connector)
+            traces = []
+            if self._limiter is not None:
+                # A request counts toward the QPS limit when it is sent, not when it was
+                # granted: a new connection can take longer to open than the window.
+                tc = aiohttp.TraceConfig()
+                tc.on_request_headers_sent.append(self._on_sent)
+                traces.append(tc)
+            self._session = aiohttp.ClientSession(connector=connector, trace_configs=traces)
         return self._session
+
+    async def _on_sent(self, session: Any, ctx: Any, params: Any) -> None:
+        ticket = ctx.trace_request_ctx
+        if isinstance(ticket, Ticket) and self._limiter is not None:
+            self._limiter.started(ticket)
 
     # -- fetching ------------------------------------------------------------------------------
     async def fetch(self, entities: Sequence[int | str]) -> list[FetchResult]:
@@ -275,8 +290,7 @@ class ServiceFetcher:
     async def _attempt(self, method: str, url: str, body: dict[str, Any] | None) -> _Answer:
         """One request, holding a concurrency slot and a QPS start."""
         async with self._slots:
-            if self._limiter is not None:
-                await self._limiter.acquire()
+            ticket = None if self._limiter is None else await self._limiter.acquire()
             self._requests += 1
             t0 = time.perf_counter()
             status: int | None = None
@@ -284,7 +298,8 @@ class ServiceFetcher:
             kind: str | None = None
             try:
                 async with self._get_session().request(
-                    method, url, json=body, headers=self._headers, timeout=self._timeout
+                    method, url, json=body, headers=self._headers, timeout=self._timeout,
+                    trace_request_ctx=ticket,
                 ) as resp:
                     status = resp.status
                     data = await resp.read()
@@ -292,6 +307,10 @@ class ServiceFetcher:
                 kind = "timeout"
             except (aiohttp.ClientError, OSError):
                 kind = "connection"
+            finally:
+                if ticket is not None and self._limiter is not None:
+                    # Sent (logged by the hook) or never sent: log it now at the latest.
+                    self._limiter.started(ticket)
             latency = time.perf_counter() - t0
         self._sample(latency)
         retry = kind is not None

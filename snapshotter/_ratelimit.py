@@ -1,39 +1,58 @@
-"""A QPS limit that holds in every one-second window, bursts included.
+"""A QPS limit that holds in every one-second window, bursts included, as the service sees it.
 
 A token bucket that starts full lets ``2 × rate`` requests start within one second (the burst,
 then a refill). A service that says "at most 500 per second" means any second, so this limiter
-keeps a sliding-window log instead: the start times of the last ``capacity`` requests. A request
-may start only when fewer than ``capacity`` started within the last ``window_s``; otherwise it
-waits until the oldest leaves the window. Every attempt, retries included, takes a start.
+keeps a sliding-window log instead: the send times of recent requests. Every attempt, retries
+included, takes a place.
 
-Shards: ``--shard i/n`` gives each shard ``max_qps / n``, rounded down to whole requests per
-window. Each shard alone keeps to its share in every window, so the shards together keep to
-``max_qps`` in every window with no coordination between them.
+**When a request starts.** What the service counts is when a request reaches it, and a request
+granted now may go out much later: opening a new connection under load can take longer than the
+window. So a granted request is *pending* until it is actually sent (:meth:`QpsLimiter.started`,
+called from aiohttp's "request headers sent" hook, or when the attempt ends if it never was
+sent), and only then is its time logged. A new request may be granted only while
 
-The window is slightly longer than one second (``margin_s``): the service sees a request a
-little after the client starts it, and the delay varies; counting over 1 s + margin on the
-client keeps the count the service sees in any one-second window within the limit as long as
-that jitter stays under the margin.
+    (requests logged within the last window) + (pending requests) < capacity
+
+so no window of sends can ever hold more than ``capacity``, however late each one goes out.
+
+**The window** is slightly longer than one second (``margin_s``): the service sees a request a
+little after the client sends it, and that delay varies; counting over 1 s + margin keeps the
+count the service sees in any one-second window within the limit while the jitter stays under the
+margin.
+
+**Shards.** ``--shard i/n`` gives each shard ``max_qps / n``, rounded down to whole requests. Each
+shard alone keeps to its share in every window, so the shards together keep to ``max_qps`` in
+every window with no coordination between them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import math
 import time
 from collections.abc import Callable
 
 from ._errors import ServiceConfigError
 
-__all__ = ["QpsLimiter"]
+__all__ = ["QpsLimiter", "Ticket"]
 
-#: Extra window length covering client→server delay jitter (see the module docstring).
+#: Extra window length covering send→arrival jitter (see the module docstring).
 DEFAULT_MARGIN_S = 0.05
 
 
+class Ticket:
+    """One granted request, pending until :meth:`QpsLimiter.started` logs its send time."""
+
+    __slots__ = ("granted_at", "sent_at")
+
+    def __init__(self, granted_at: float) -> None:
+        self.granted_at = granted_at
+        self.sent_at: float | None = None
+
+
 class QpsLimiter:
-    """At most ``floor(qps)`` starts in any window of ``1 s + margin_s``.
+    """At most ``floor(qps)`` requests sent in any window of ``1 s + margin_s``.
 
     Args:
         qps: the limit (requests started per second), already multiplied by the shard share.
@@ -61,33 +80,50 @@ class QpsLimiter:
         self.capacity = math.floor(qps + 1e-9)
         self.window_s = 1.0 + margin_s
         self._clock = clock
-        self._starts: collections.deque[float] = collections.deque()
+        self._log: list[float] = []  # send times, ascending
+        self._pending = 0
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
         self.waited_s = 0.0
 
-    async def acquire(self) -> float:
-        """Wait until a request may start, and record its start.
-
-        Waiters are served in arrival order (the lock is FIFO), so none starves.
-
-        Returns:
-            The recorded start time (the clock's value).
+    async def acquire(self) -> Ticket:
+        """Wait until a request may be sent; the returned ticket is pending until
+        :meth:`started`. Waiters are served in arrival order (the lock is FIFO).
         """
         async with self._lock:
+            t0 = self._clock()
             while True:
                 now = self._clock()
-                starts = self._starts
-                horizon = now - self.window_s
-                while starts and starts[0] <= horizon:
-                    starts.popleft()
-                if len(starts) < self.capacity:
-                    starts.append(now)
-                    return now
-                wait = starts[0] - horizon
-                self.waited_s += wait
-                await asyncio.sleep(wait)
+                self._expire(now)
+                if len(self._log) + self._pending < self.capacity:
+                    self._pending += 1
+                    self.waited_s += now - t0
+                    return Ticket(now)
+                # Full: wait for the oldest logged send to leave the window, or for a pending
+                # request to be sent (which may free nothing yet, so the loop checks again).
+                wait = self._log[0] + self.window_s - now if self._log else None
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), wait)
+                except TimeoutError:
+                    pass
 
-    def starts_in_window(self) -> int:
-        """How many starts the last ``window_s`` holds (for tests and stats)."""
-        horizon = self._clock() - self.window_s
-        return sum(1 for s in self._starts if s > horizon)
+    def started(self, ticket: Ticket, at: float | None = None) -> None:
+        """Log ``ticket``'s send time (default: now). Idempotent: the first call counts."""
+        if ticket.sent_at is not None:
+            return
+        t = self._clock() if at is None else at
+        ticket.sent_at = t
+        self._pending -= 1
+        bisect.insort(self._log, t)
+        self._changed.set()
+
+    def _expire(self, now: float) -> None:
+        cut = bisect.bisect_right(self._log, now - self.window_s)
+        if cut:
+            del self._log[:cut]
+
+    @property
+    def pending(self) -> int:
+        """Granted requests not yet sent."""
+        return self._pending

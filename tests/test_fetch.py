@@ -273,22 +273,49 @@ async def test_invalid_answers(aiohttp_server) -> None:
 
 
 async def test_limiter_holds_in_every_window_bursts_included() -> None:
-    """The limiter's own start log: no window of 1 s holds more than the limit, from the first
-    burst on (a token bucket that starts full would let 2x through in the first second)."""
+    """The limiter's own log of sends: no window of 1 s holds more than the limit, from the
+    first burst on (a token bucket that starts full would let 2x through in the first second)."""
     lim = QpsLimiter(40)
-    starts = await asyncio.gather(*(lim.acquire() for _ in range(100)))
-    starts = sorted(starts)
+
+    async def send() -> float:
+        ticket = await lim.acquire()
+        lim.started(ticket)
+        assert ticket.sent_at is not None
+        return ticket.sent_at
+
+    starts = sorted(await asyncio.gather(*(send() for _ in range(100))))
     assert max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts) <= 40
-    assert lim.capacity == 40
-    assert QpsLimiter(2.5).capacity == 2
+    assert len(starts) == 100 and lim.pending == 0
+    assert lim.capacity == 40 and QpsLimiter(2.5).capacity == 2
     with pytest.raises(ServiceConfigError, match="below 1"):
         QpsLimiter(0.5)
+
+
+async def test_a_request_not_yet_sent_holds_its_place() -> None:
+    """A granted request that goes out late (a slow new connection) still counts: while two
+    are pending, a third is not granted, however long the window has passed."""
+    lim = QpsLimiter(2, margin_s=0.0)
+    a, b = await lim.acquire(), await lim.acquire()
+    third = asyncio.ensure_future(lim.acquire())
+    await asyncio.sleep(1.3)  # more than a window: a log of grant times would have let it in
+    assert not third.done() and lim.pending == 2
+    lim.started(a)
+    lim.started(a)  # idempotent
+    await asyncio.sleep(0.05)
+    assert not third.done()  # a's send is in the window now: still 2 within it
+    lim.started(b)
+    assert a.sent_at is not None
+    c = await asyncio.wait_for(third, 3.0)
+    assert c.granted_at >= a.sent_at + lim.window_s  # granted once a's send left the window
+    lim.started(c)
 
 
 async def test_qps_limit_holds_at_the_service(sim) -> None:
     _, rw = sim
     rw.control.set_faults("viewing_history", error_rate=0.2)  # retries count too
-    config = _config(rw, "viewing_history", max_qps=30, retries=3, max_concurrency=16)
+    # More in flight than the limit: the first burst opens 30 new connections at once, and a
+    # request counts when it is sent, not when it was granted.
+    config = _config(rw, "viewing_history", max_qps=30, retries=3, max_concurrency=64)
     async with ServiceFetcher(config) as fetcher:
         got = await fetcher.fetch(list(range(1, 71)))
         requests = fetcher.stats()["requests"]
