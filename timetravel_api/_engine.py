@@ -276,7 +276,7 @@ class Engine:
                 values[s.name] = wire.column(f"v{i}").combine_chunks().cast(s.output_type)
                 status[s.name] = wire.column(f"s{i}").combine_chunks()
         if plan.provenance and plan.groups:
-            sources = fact_sources(self.facts, plan, wire)
+            sources = fact_sources(self.facts, plan, wire, pc.unique(ent))
             for g in plan.groups:
                 for i in g.indices:
                     ids = wire.column(f"p{i}_id").combine_chunks()
