@@ -286,6 +286,7 @@ def _simulate(cfg: DemoConfig, world: World, clock: SimClock, post: _Post, store
     requests_by_member: dict[int, list[int]] = defaultdict(list)
     rec_plays_by_member: dict[int, list[int]] = defaultdict(list)
     counts = {"requests": 0, "rec_plays": 0, "organic_plays": 0}
+    last_slot: int | None = None
 
     def schedule_play(row: dict[str, Any]) -> None:
         nonlocal seq, late
@@ -335,7 +336,9 @@ def _simulate(cfg: DemoConfig, world: World, clock: SimClock, post: _Post, store
                 r += 1
             clock.set(tick_us)
             flush_plays(tick_us)
-            if (tick_us - SNAPSHOT_DELAY_US) % cadence.every_us == 0:  # type: ignore[operator]
+            slot = cadence.slot_at_or_before(tick_us - SNAPSHOT_DELAY_US)
+            if slot != last_slot and slot >= cfg.start_us - SNAPSHOT_DELAY_US:
+                last_slot = slot
                 # What a scheduler wakes up to at this moment: the slot at or before now.
                 Scheduler(cadence=cadence, run_slot=run_slot, clock=clock,
                           stop=threading.Event(), max_ticks=1).run_forever()
