@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
         description="Simulate members and days: a recommendation service logs facts, snapshots "
         "run twice a day on a stratified panel, a point-in-time training set trains a model "
         "(against a leaky baseline), and parity checks online = offline. Writes a report to "
-        "reports/demo-<time>/ in the store.",
+        "reports/demo-<time>/ in the store. It uses its own feature repo, "
+        "simworld/demo_repo.py (--repo is not used), and needs a store of its own.",
     )
     add_common_options(demo, now=True)
     demo.add_argument("--members", type=int, default=3000, help="simulated members (3000)")
