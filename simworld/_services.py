@@ -166,7 +166,7 @@ class _Counts:
         self.max_in_flight = 0
 
     def body(self) -> dict[str, Any]:
-        ts = np.frombuffer(self.starts, dtype=np.float64) if len(self.starts) else np.zeros(0)
+        ts = np.frombuffer(self.starts.tobytes(), dtype=np.float64)
         return {
             "requests": len(ts),
             "batch_requests": self.batch_requests,
@@ -259,9 +259,12 @@ class SimState:
         return self.faults
 
     def stats(self) -> dict[str, Any]:
+        """Counters per service and in total (see the module docstring). Safe to call from any
+        thread: arrival logs are copied (``tobytes``), never exported while they grow."""
+        counts = list(self.counts.values())
         all_ts = np.concatenate(
-            [np.frombuffer(c.starts, dtype=np.float64) for c in self.counts.values()]
-        ) if any(len(c.starts) for c in self.counts.values()) else np.zeros(0)
+            [np.frombuffer(c.starts.tobytes(), dtype=np.float64) for c in counts]
+        )
         return {
             "now": format_timestamp(self.clock.now_us()),
             "services": {s: c.body() for s, c in self.counts.items()},
@@ -269,6 +272,7 @@ class SimState:
         }
 
     def reset_stats(self) -> None:
+        """Start counting afresh."""
         self.counts = {s: _Counts() for s in ALL_SERVICES}
 
 
