@@ -447,3 +447,23 @@ async def test_provenance_on_request(client: Any) -> None:
     plain = await (await client.post("/v1/features", json={**body, "provenance": False},
                                      headers=R)).json()
     assert "provenance" not in plain["rows"][0]
+
+
+@pytest.mark.s3
+async def test_same_answers_on_s3(aiohttp_client: Any, s3_store: Store) -> None:
+    seed(s3_store)
+    c = await aiohttp_client(make(s3_store))
+    ent = pa.array([e for e, _ in QUERIES], pa.int64())
+    at = pa.array([t for _, t in QUERIES], TIMESTAMP_TYPE)
+    res = Engine(s3_store, clock=clock()).features(ent, at, FEATURES)
+    body = {"rows": rows_json(), "features": FEATURES}
+    for _ in range(2):  # cold, then through the caches
+        resp = await c.post("/v1/features", json=body, headers={**R, "Accept": ARROW})
+        assert resp.status == 200, await resp.text()
+        table = arrow_from_ipc(await resp.read())
+        for name in FEATURES:
+            assert same(table.column(name), res.values.column(name)), name
+    add_late_object(s3_store)
+    one = await (await c.get("/v1/features/1", params={
+        "at": format_timestamp(T0 + 6 * DAY), "features": "play.secs.last"}, headers=R)).json()
+    assert one["features"] == {"play.secs.last": 100.0}

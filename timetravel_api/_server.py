@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ttstore import (
     InvalidInput,
     RouteTable,
     Store,
+    TimetravelError,
     add_server_options,
     arrow_response,
     auth_from_args,
@@ -81,6 +83,7 @@ DEFAULT_FACTS_LIMIT = 1000
 MAX_FACTS_LIMIT = 100_000
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class UnknownService(TimetravelApiError):
@@ -386,7 +389,10 @@ def make_api_app(
 
     async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, jobs.recover)
+        try:
+            await loop.run_in_executor(None, jobs.recover)
+        except TimetravelError as exc:  # serve anyway; the jobs stay as recorded
+            log.warning("could not re-queue unfinished training-set jobs: %s", exc)
         try:
             yield
         finally:
