@@ -406,6 +406,7 @@ async def test_metrics_have_routes_and_engine_timings(client: Any) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'route="/v1/features"' in text
     assert 'timetravel_api_engine_seconds_count{operation="features"} 1.0' in text
+    assert "timetravel_api_row_group_cache_misses" in text
 
 
 async def test_same_answers_after_compaction_through_the_cache(client: Any,

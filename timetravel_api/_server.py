@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from factlog import FactReader, FactTypeCatalog, producer_watermarks
 from factlog._parquetio import RowGroupCache
@@ -139,6 +139,14 @@ class _Api:
         if config.cache_bytes:
             self.facts.row_groups = self.row_groups
         self.resolver = FeatureResolver(engine=engine, snapshots=self.snapshots)
+        for name, doc, fn in (
+                ("timetravel_api_row_group_cache_bytes", "decoded fact row groups kept",
+                 lambda: self.row_groups.bytes),
+                ("timetravel_api_row_group_cache_hits", "row-group cache hits since start",
+                 lambda: self.row_groups.hits),
+                ("timetravel_api_row_group_cache_misses", "row-group cache misses since start",
+                 lambda: self.row_groups.misses)):
+            Gauge(name, doc, registry=registry).set_function(fn)
         self.timings = Histogram(
             "timetravel_api_engine_seconds", "time spent computing answers, by operation",
             ["operation"], registry=registry,
