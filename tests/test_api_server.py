@@ -268,6 +268,25 @@ async def test_bad_input(client: Any, what: str, body: Any, status: int, code: s
         assert n in err["message"], (n, err["message"])
 
 
+async def test_one_row_get_bad_input(client: Any) -> None:
+    cases = [({"features": "play.count.1d"}, "at", "invalid_input"),
+             ({"at": "2027-01-01T00:00:00", "features": "play.count.1d"}, "at",
+              "invalid_timestamp"),
+             ({"at": "2027-01-01T00:00:00Z", "features": "play.count.1d,nope.x"}, "nope.x",
+              "invalid_feature"),
+             ({"at": "2027-01-01T00:00:00Z", "features": "play.count.1d", "x": "1"}, "x",
+              "invalid_input")]
+    for params, named, code in cases:
+        resp = await client.get("/v1/features/1", params=params, headers=R)
+        err = (await resp.json())["error"]
+        assert resp.status == 400 and err["code"] == code and named in err["message"], err
+    resp = await client.get("/v1/features/abc", params={
+        "at": "2027-01-01T00:00:00Z", "features": "play.count.1d"}, headers=R)
+    err = (await resp.json())["error"]
+    assert resp.status == 400 and err["code"] == "entity_type_mismatch"
+    assert err["field"] == "entity_id"
+
+
 async def test_non_json_and_not_an_object(client: Any) -> None:
     resp = await client.post("/v1/features", data=b"rows=1", headers=R)
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_body"

@@ -58,6 +58,7 @@ class FeatureRequest:
     features: list[str]
     knowledge: str
     provenance: bool
+    id_field: str = "rows[{i}].entity_id"
 
 
 def _obj_field(body: Mapping[str, Any], name: str, default: Any = ...) -> Any:

@@ -171,7 +171,7 @@ class _Api:
     # -- features --------------------------------------------------------------------------------
     def _compute(self, req: FeatureRequest) -> tuple[pa.Array, Any, frozenset[str]]:
         etype, json_cols = self.resolver.resolve(req.features)
-        entities = entity_array(req.entity_ids, etype)
+        entities = entity_array(req.entity_ids, etype, field=req.id_field)
         result = self.engine.features(entities, pa.array(req.at_us, pa.timestamp("us", "UTC")),
                                       req.features, knowledge=req.knowledge,
                                       provenance=req.provenance)
@@ -207,6 +207,7 @@ class _Api:
             features=parse_feature_names(q.get("features", "")),
             knowledge=parse_knowledge(q.get("knowledge", "as_known")),
             provenance=_flag(q, "provenance"),
+            id_field="entity_id",
         )
         entities, result, json_cols = await self._off_loop("feature_row", self._compute, req)
         return self._answer(request, req, entities, result, json_cols, single=True)
