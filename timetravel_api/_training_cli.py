@@ -49,11 +49,15 @@ def _build(args: argparse.Namespace) -> int:
         raise InvalidInput("--workers must be at least 1", field="workers")
     store = Store(args.store)
     clock = clock_from_now(args.now)
-    with _progress(f"building {args.out}") as progress:
-        table = build_training_set(
-            args.labels, names, store=store, repo=args.repo, knowledge=args.knowledge,
-            engine=args.engine, workers=args.workers, clock=clock, progress=progress,
-        )
+    try:
+        with _progress(f"building {args.out}") as progress:
+            table = build_training_set(
+                args.labels, names, store=store, repo=args.repo, knowledge=args.knowledge,
+                engine=args.engine, workers=args.workers, clock=clock, progress=progress,
+            )
+    finally:
+        if args.engine == "spark":
+            _stop_spark()
     where = write_training_set(table, args.out, store=store)
     lin = lineage(table)
     print(f"wrote {table.num_rows} rows, {len(names)} features to {where} "
@@ -75,3 +79,14 @@ def _progress(label: str) -> Iterator[Callable[[float], None] | None]:
             bar.update(task, completed=fraction)
 
         yield update
+
+
+def _stop_spark() -> None:
+    """Stop the session this command started, so the JVM exits with it."""
+    try:
+        from pyspark.sql import SparkSession  # noqa: PLC0415
+    except ImportError:
+        return
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
