@@ -143,6 +143,14 @@ def write_report(store: Store, summary: dict[str, Any], *, selection: ContextSet
     numbers = {**summary, "snapshot_runs": runs}
     files = {**plots, "summary.json": json.dumps(numbers, indent=2, default=str).encode(),
              "index.md": _markdown(summary).encode()}
+    # The labels and the training set, to rebuild or extend with the CLI or the SDK.
+    for name, table in (("labels.parquet", train["labels"]),
+                        ("training_set.parquet", train["training_set"])):
+        try:
+            store.write_parquet(key(prefix, name), table)
+        except ObjectExists:
+            store.delete(key(prefix, name))
+            store.write_parquet(key(prefix, name), table)
     for name, data in files.items():
         try:
             store.put_if_absent(key(prefix, name), data)
@@ -180,6 +188,10 @@ def _markdown(s: dict[str, Any]) -> str:
         + (", ".join(f"{f} {n:,}" for f, n in t["late_facts_changed_rows"].items() if n)
            or "none") + ". `as_known` keeps them as the service knew them.", "",
         "![features](features.png)", "",
+        "The labels and the training set are next to this page (`labels.parquet`, "
+        "`training_set.parquet`). Rebuild it, or add features, with "
+        "`timetravel training-set build --repo simworld/demo_repo.py --labels "
+        "store:<this directory>/labels.parquet --features ... --out ts.parquet`.", "",
         "## A model, and what a leak does", "",
         f"Split by time: test days from day {t['split']['test_days_from']}. "
         "HistGradientBoostingClassifier with `sample_weight`.", "",

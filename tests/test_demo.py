@@ -156,7 +156,11 @@ def test_report_in_the_store(tiny: tuple[Store, DemoResult, str]) -> None:
     names = {o.key.rsplit("/", 1)[1] for o in store.list(prefix + "/")}
     pngs = {"facts_per_hour.png", "snapshot_confidence.png", "strata.png", "features.png",
             "roc.png", "leakage.png"}
-    assert names == pngs | {"index.md", "summary.json"}
+    assert names == pngs | {"index.md", "summary.json", "labels.parquet",
+                            "training_set.parquet"}
+    assert store.read_parquet(f"{prefix}/labels.parquet").equals(result.labels)
+    assert store.read_parquet(f"{prefix}/training_set.parquet").num_rows == (
+        result.training_set.num_rows)
     for name in pngs:
         assert store.get(f"{prefix}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
     numbers = json.loads(store.get(f"{prefix}/summary.json"))
