@@ -1,6 +1,9 @@
-"""The interim demo: log facts through the public logger, read them back, print counts.
+"""The first, factlog-only demo: log facts through the public logger, read them back, print
+counts.
 
-It stands until the full demo (simulated services, snapshots, training) lands. Everything goes
+``timetravel demo`` now runs the full story (:mod:`simworld._demo`), whose read-back step keeps
+this check on the compute app's facts; this module stays as a small standalone example of the
+logger and the reader. Everything goes
 through the same public code paths a production service uses: ``FactLogger`` to log, a flush,
 ``FactReader`` to read back; the demo checks that every fact it logged is read back exactly once.
 """
