@@ -241,7 +241,8 @@ class Engine:
             unbounded = any(h is None or h >= UNBOUNDED_US for h in hist)
             start = None if unbounded else lo - max(int(h) for h in hist if h is not None)
             fields = sorted({s.field for _, s in items if s.field is not None})
-            cols = (ft.entity_name, *SYSTEM_FACT_COLUMNS, *fields)
+            system = SYSTEM_FACT_COLUMNS if provenance else SYSTEM_FACT_COLUMNS[1:]
+            cols = (ft.entity_name, *system, *fields)  # fact_id only names provenance
             groups.append(FactGroup(
                 fact_type=name, entity_col=ft.entity_name, lookback_us=ft.lookback_us,
                 specs=tuple(s for _, s in items), indices=tuple(i for i, _ in items),
