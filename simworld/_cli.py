@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 from typing import Any
 
-from ttstore import TimetravelError, parse_timestamp
+from ttstore import DEFAULT_STORE, Store, TimetravelError, parse_timestamp
 from ttstore._cli import add_common_options, open_store
+from ttstore._config import ENV_STORE
 
 DEFAULT_START = "2026-11-01T00:00:00Z"
 
@@ -67,14 +70,21 @@ def _demo(args: argparse.Namespace) -> int:
                               code="invalid_input")
     if args.requests_per_day is not None and args.requests_per_day < 1:
         raise TimetravelError("--requests-per-day must be at least 1", code="invalid_input")
-    from ._demo import DemoConfig, run_demo  # noqa: PLC0415
+    from ._demo import DemoConfig, has_demo_run, run_demo  # noqa: PLC0415
 
     if not args.verbose:  # the demo prints its own progress; run logs only with -v
         for name in ("snapshotter", "factlog", "timetravel_api"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
     start_us = parse_timestamp(args.now or DEFAULT_START, field="--now")
-    result = run_demo(open_store(args), DemoConfig(
+    store = open_store(args)
+    if (args.store == DEFAULT_STORE and not os.environ.get(ENV_STORE)
+            and has_demo_run(store)):  # `make demo` twice: the second run gets its own store
+        fresh = f"./timetravel-demo-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        print(f"The default store {DEFAULT_STORE} already holds a demo run; this run uses "
+              f"{fresh} (pass --store to choose).", flush=True)
+        store = Store(fresh)
+    result = run_demo(store, DemoConfig(
         members=args.members, days=args.days, seed=args.seed, start_us=start_us,
         requests_per_day=args.requests_per_day))
     return 0 if all(v == "ok" for v in result.summary["steps"].values()) else 1

@@ -55,7 +55,7 @@ from ._server import running_world
 from ._services import SimClock
 from ._world import DEVICES, GENRES, World
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "has_demo_run", "run_demo"]
 
 REPO_PATH = Path(__file__).with_name("demo_repo.py")
 TICK_US = 10 * 60 * US_PER_S          # plays are reported in 10-minute batches
@@ -134,7 +134,7 @@ def run_demo(store: Store, config: DemoConfig, *, out: TextIO | None = None) -> 
     from ._demo_train import evaluate_parity, train_and_score  # noqa: PLC0415
 
     stream = out if out is not None else sys.stdout
-    if store.list("catalog/fact_types/recommendation_request/"):
+    if has_demo_run(store):
         raise TimetravelError(
             f"the store {store.url} already holds a demo run; the demo needs a store of its "
             "own: pass a fresh --store (e.g. --store ./timetravel-demo-2) or remove this one",
@@ -241,6 +241,11 @@ def run_demo(store: Store, config: DemoConfig, *, out: TextIO | None = None) -> 
     return DemoResult(summary=summary, report_prefix=prefix,
                       training_set=train["training_set"], leaky_set=train["leaky_set"],
                       labels=train["labels"], selection=selection)
+
+
+def has_demo_run(store: Store) -> bool:
+    """Whether ``store`` already holds a demo run (the demo needs a store of its own)."""
+    return bool(store.list("catalog/fact_types/recommendation_request/"))
 
 
 def _print_summary(out: TextIO, s: dict[str, Any]) -> None:
