@@ -260,15 +260,10 @@ def test_parity_through_the_engine_matches(local_store: Store, tmp_path: Path) -
     """The engine (the path the API, the SDK and training sets take) gives the same offline
     values as the encoders run here directly."""
     from timetravel_api import Engine
-    from timetravel_api._errors import InvalidFeature
 
     repo = make_repo()
     simulate(local_store, tmp_path, repo, requests=30, seed=13)
     engine = Engine(local_store, repo=repo)
-    try:
-        engine.parse(["minutes_7d"])
-    except InvalidFeature as exc:  # pragma: no cover - until the engine evaluates encoders
-        pytest.skip(f"the engine does not evaluate encoders yet: {exc.message}")
     direct = parity_report(local_store, repo)
     via_engine = parity_report(local_store, repo, engine=engine)
     assert via_engine.fact_fed_mismatches == [] and via_engine.compared == direct.compared
