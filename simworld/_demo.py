@@ -62,6 +62,8 @@ TICK_US = 10 * 60 * US_PER_S          # plays are reported in 10-minute batches
 SNAPSHOT_EVERY = "12h"
 SNAPSHOT_DELAY_US = TICK_US           # the scheduler's run starts one tick after its slot
 US_PER_H = 3600 * US_PER_S
+OUTAGE_RUN = 3                        # the 4th snapshot run ...
+OUTAGE_SERVICE = "my_list"            # ... finds this service down
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +187,14 @@ def run_demo(store: Store, config: DemoConfig, *, out: TextIO | None = None) -> 
             app = ComputeApp(repo=repo, logger=logger, clock=clock, world_url=sim.url,
                              world=world, producer_tag=f"demo{cfg.seed}")
             with running_compute_app(app) as running:
-                sim_stats = _simulate(cfg, world, clock, _Post(running.url), store, repo, stream)
+                state = sim.state
+                assert state is not None
+
+                def set_down(service: str, down: bool) -> None:
+                    state.set_faults(service, down=down)
+
+                sim_stats = _simulate(cfg, world, clock, _Post(running.url), store, repo, stream,
+                                      set_down)
             logger.flush(timeout_s=120)
         end_us = clock.now_us()
         timings["simulate_s"] = time.perf_counter() - t0
@@ -271,7 +280,8 @@ def _print_summary(out: TextIO, s: dict[str, Any]) -> None:
 
 
 def _simulate(cfg: DemoConfig, world: World, clock: SimClock, post: _Post, store: Store,
-              repo: FeatureRepo, out: TextIO) -> dict[str, Any]:
+              repo: FeatureRepo, out: TextIO,
+              set_down: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
     """Run the simulated days; returns counts."""
     rng = np.random.default_rng(cfg.seed)
     members = np.arange(1, cfg.members + 1, dtype=np.int64)
@@ -280,7 +290,16 @@ def _simulate(cfg: DemoConfig, world: World, clock: SimClock, post: _Post, store
     outcomes: list[RunOutcome] = []
 
     def run_slot(slot_us: int) -> RunOutcome:
-        outcome = runner.run(slot_us)
+        # An outage: one service is down during one run. The run still commits (with that
+        # service's confidence at 0); readers keep the older good rows, which age.
+        outage = set_down if len(outcomes) == OUTAGE_RUN else None
+        if outage is not None:
+            outage(OUTAGE_SERVICE, True)
+        try:
+            outcome = runner.run(slot_us)
+        finally:
+            if outage is not None:
+                outage(OUTAGE_SERVICE, False)
         outcomes.append(outcome)
         return outcome
 
@@ -358,6 +377,8 @@ def _simulate(cfg: DemoConfig, world: World, clock: SimClock, post: _Post, store
     confid = [min((s.confidence for s in o.manifest.services.values()), default=1.0)
               for o in outcomes if o.manifest is not None]
     return {**counts, "late_plays": late, "snapshot_runs": len(outcomes),
+            "outage": {"service": OUTAGE_SERVICE, "run": outcomes[OUTAGE_RUN].run_id}
+            if len(outcomes) > OUTAGE_RUN else None,
             "snapshot_min_confidence": min(confid) if confid else None}
 
 

@@ -178,6 +178,9 @@ def _markdown(s: dict[str, Any]) -> str:
         "## Snapshots on a schedule", "",
         f"{sim['snapshot_runs']} runs (every 12h) on panel `{s['selection_id']}` of "
         f"{s['panel_size']:,} members.", "",
+        (f"The {sim['outage']['service']} service was down during run "
+         f"`{sim['outage']['run']}`: that run committed with its confidence at 0, and readers "
+         "kept the older rows (see the staleness below)." if sim.get("outage") else ""), "",
         "![snapshot confidence](snapshot_confidence.png)", "", "![strata](strata.png)", "",
         "## A point-in-time training set", "",
         f"{t['rows']:,} rows, one per recommendation request; label: a recommended title "
