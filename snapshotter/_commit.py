@@ -6,8 +6,9 @@ every shard's part is committed, whoever notices first (the last shard to finish
 
 1. freeze each service's payload types (``_typing.freeze_types``);
 2. write the staged chunks, conformed to those types, to final non-underscore keys: consecutive
-   chunks of a shard gathered up to ``FINAL_OBJECT_ROWS`` rows an object, sorted by entity
-   (create-if-absent; an object left by an interrupted commit is kept);
+   chunks of a shard gathered up to ``FINAL_OBJECT_ROWS`` rows an object, one row group per
+   chunk, sorted by entity (the selection is sorted, so chunks are ranges of entities), written
+   one chunk at a time (create-if-absent; an object left by an interrupted commit is kept);
 3. create the run manifest, with ``committed_at`` from the clock: the commit point;
 4. delete the staging prefix.
 
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ttstore import (
     Clock,
@@ -110,23 +112,37 @@ def _service_stats(
     for shard, k, chunk in chunks:
         groups.setdefault((shard, k // per_object), []).append(chunk)
     for (shard, j), members in groups.items():
-        table = pa.concat_tables(
-            [conform(store.read_parquet(c.key), types.fields) for c in members]
-        )
-        table = table.take(pc.sort_indices(table, [("entity_id", "ascending")]))
-        lat = table.column("latency_ms").to_numpy(zero_copy_only=False)
-        latencies.append(lat[~np.isnan(lat)])
-        failed = pc.equal(table.column("status"), "error")
-        for item in pc.value_counts(pc.fill_null(table.column("error_kind").filter(failed),
-                                                 "unknown")).to_pylist():
-            errors[item["values"]] += item["counts"]
         final = data_key(plan.slot_us, shard, plan.shards, service, j)
+        sink = pa.BufferOutputStream()
+        writer: pq.ParquetWriter | None = None
+        # One staged chunk in memory at a time, each a row group of the final object.
+        for c in members:
+            table = conform(store.read_parquet(c.key), types.fields)
+            entity = table.column("entity_id")
+            if len(entity) > 1 and not pc.all(
+                pc.less_equal(entity.slice(0, len(entity) - 1), entity.slice(1))
+            ).as_py():
+                table = table.take(pc.sort_indices(table, [("entity_id", "ascending")]))
+            lat = table.column("latency_ms").to_numpy(zero_copy_only=False)
+            latencies.append(lat[~np.isnan(lat)])
+            failed = pc.equal(table.column("status"), "error")
+            kinds = pc.fill_null(table.column("error_kind").filter(failed), "unknown")
+            for item in pc.value_counts(kinds).to_pylist():
+                errors[item["values"]] += item["counts"]
+            if writer is None:
+                writer = pq.ParquetWriter(sink, table.schema, compression="zstd",
+                                          write_statistics=True, store_schema=True)
+            writer.write_table(table)
+            del table, entity
+        if writer is None:
+            continue
+        writer.close()
         try:
-            store.write_parquet(final, table.replace_schema_metadata(None))
+            store.put_if_absent(final, sink.getvalue().to_pybytes())
         except ObjectExists:
             pass  # written by an interrupted commit of this run: roll forward
         objects.append(final)
-        del table
+        del sink, writer
     lat_all = np.concatenate(latencies) if latencies else np.zeros(0)
     p50, p99 = (
         (float(np.percentile(lat_all, 50)), float(np.percentile(lat_all, 99)))
