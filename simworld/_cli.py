@@ -27,8 +27,8 @@ def register(sub: Any) -> None:
         "simworld/demo_repo.py (--repo is not used), and needs a store of its own.",
     )
     add_common_options(demo, now=True)
-    demo.add_argument("--members", type=int, default=3000, help="simulated members (3000)")
-    demo.add_argument("--days", type=int, default=6, help="simulated days (6)")
+    demo.add_argument("--members", type=int, default=4000, help="simulated members (4000)")
+    demo.add_argument("--days", type=int, default=7, help="simulated days (7)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (7)")
     demo.add_argument("--requests-per-day", type=int, default=None,
                       help="recommendation requests per simulated day (members/3, >= 150)")

@@ -82,8 +82,8 @@ class DemoConfig:
         test_days: the later days held out for testing (default ``max(1, days // 3)``).
     """
 
-    members: int = 3000
-    days: int = 6
+    members: int = 4000
+    days: int = 7
     seed: int = 7
     start_us: int = 1_793_491_200_000_000  # 2026-11-01T00:00:00Z
     requests_per_day: int | None = None
