@@ -193,7 +193,7 @@ def _markdown(s: dict[str, Any]) -> str:
         "![features](features.png)", "",
         "The labels and the training set are next to this page (`labels.parquet`, "
         "`training_set.parquet`). Rebuild it, or add features, with "
-        "`timetravel training-set build --repo simworld/demo_repo.py --labels "
+        "`timetravel training-set build --repo simworld.demo_repo --labels "
         "store:<this directory>/labels.parquet --features ... --out ts.parquet`.", "",
         "## A model, and what a leak does", "",
         f"Split by time: test days from day {t['split']['test_days_from']}. "
