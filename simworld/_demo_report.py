@@ -42,7 +42,8 @@ def _facts_per_hour(store: Store, start_us: int, fact_types: list[str]) -> bytes
     ax.set_xlabel("simulated hour")
     ax.set_ylabel("facts")
     ax.set_title("Facts per hour by type (event time)")
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -60,7 +61,8 @@ def _snapshot_confidence(store: Store) -> tuple[bytes, list[dict[str, Any]]]:
     ax.set_xlabel("snapshot run (12h slots)")
     ax.set_ylabel("confidence (ok / requested)")
     ax.set_title("Snapshot confidence per service per run")
-    ax.legend(fontsize=8)
+    if rows:
+        ax.legend(fontsize=8)
     return _png(fig), rows
 
 
@@ -107,7 +109,10 @@ def _roc(models: dict[str, Any]) -> bytes:
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC on the held-out later days")
-    ax.legend(fontsize=7)
+    if any(m.get("roc") for m in models.values()):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "AUC undefined:\none class in a split", ha="center", va="center")
     return _png(fig)
 
 

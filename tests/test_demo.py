@@ -195,6 +195,21 @@ def test_a_second_demo_into_the_same_store_is_refused(
     assert [o.key for o in store.list("facts/")] == before
 
 
+def test_a_one_class_demo_reports_undefined_auc(tmp_path: Path) -> None:
+    """One member, three requests a day: the test day holds one class; no crash, no number."""
+    store = Store(str(tmp_path / "store"))
+    out = io.StringIO()
+    result = run_demo(store, DemoConfig(members=1, days=2, seed=7, requests_per_day=3), out=out)
+    s = result.summary
+    assert s["training"]["rows"] == 6
+    for m in s["training"]["models"].values():
+        assert m["auc"] is None and m["reason"] == "the test days hold only one class"
+    assert s["training"]["leak_inflation"] is None
+    assert "undefined (the test days hold only one class)" in out.getvalue()
+    assert all(v == "ok" for v in s["steps"].values())
+    assert store.exists(f"{result.report_prefix}/roc.png")
+
+
 def test_one_class_split_is_undefined_not_a_crash() -> None:
     x = np.arange(20, dtype=np.float64).reshape(10, 2)
     y_one = np.zeros(10, np.int64)
