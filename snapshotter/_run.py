@@ -267,9 +267,13 @@ class SnapshotRunner:
     async def _stage_shard(
         self, plan: RunPlan, shard: int, selection: pa.Table
     ) -> dict[str, list[StagedChunk]]:
-        idx = shard_indices(selection.column("entity_id"), shard, plan.shards)
-        entities = selection.column("entity_id").take(pa.array(idx)).combine_chunks()
-        weights = selection.column("weight").take(pa.array(idx)).combine_chunks()
+        entities = selection.column("entity_id").combine_chunks()
+        weights = selection.column("weight").combine_chunks()
+        if weights.type != pa.float64():
+            weights = weights.cast(pa.float64())
+        if plan.shards > 1:  # one shard is the whole selection: no copy
+            idx = pa.array(shard_indices(entities, shard, plan.shards))
+            entities, weights = entities.take(idx), weights.take(idx)
         async with contextlib.AsyncExitStack() as stack:
             stagers = []
             for name in sorted(plan.services):
@@ -283,7 +287,7 @@ class SnapshotRunner:
                         service=name,
                         fetcher=fetcher,
                         entities=_as_key_type(entities, config, name),
-                        weights=weights.cast(pa.float64()),
+                        weights=weights,
                         frozen=load_types(self.store, name).fields,
                         clock=self.clock,
                         stop=self.stop,

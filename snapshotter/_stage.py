@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -257,40 +258,53 @@ class ServiceStager:
         prefix = keys[0].rsplit("/", 1)[0] if keys else ""
         existing = {o.key for o in self.store.list(prefix)} if prefix else set()
         out: list[StagedChunk | None] = [None] * n_chunks
-        sem = asyncio.Semaphore(self.window)
 
-        async def one(k: int) -> None:
-            if keys[k] in existing:
-                read = self.store.read_parquet
-                table = await asyncio.to_thread(read, keys[k], columns=["status"])
-                out[k] = summarize(keys[k], table)
-                self._report(k, n_chunks, out[k], resumed=True)
-                return
-            async with sem:
-                if self.stop is not None and self.stop.is_set():
-                    return  # chunks in flight finish and are staged; none start
-                c = self.plan.chunk_size
-                ents = self.entities.slice(k * c, c)
-                results = await self.fetcher.fetch(ents.to_pylist())
-                captured_at_us = self.clock.now_us()
-                table, _ = chunk_table(
-                    results,
-                    run_id=self.plan.run_id,
-                    entities=ents,
-                    weights=self.weights.slice(k * c, c),
-                    captured_at_us=captured_at_us,
-                    frozen=self.frozen,
-                )
-                del results
-                out[k] = await asyncio.to_thread(stage_chunk, self.store, keys[k], table)
+        async def resumed(k: int) -> None:
+            table = await asyncio.to_thread(self.store.read_parquet, keys[k], columns=["status"])
+            out[k] = summarize(keys[k], table)
+            self._report(k, n_chunks, out[k], resumed=True)
+
+        async def fetched(k: int) -> None:
+            c = self.plan.chunk_size
+            ents = self.entities.slice(k * c, c)
+            results = await self.fetcher.fetch(ents.to_pylist())
+            captured_at_us = self.clock.now_us()
+            table, _ = chunk_table(
+                results,
+                run_id=self.plan.run_id,
+                entities=ents,
+                weights=self.weights.slice(k * c, c),
+                captured_at_us=captured_at_us,
+                frozen=self.frozen,
+            )
+            del results
+            out[k] = await asyncio.to_thread(stage_chunk, self.store, keys[k], table)
             self._report(k, n_chunks, out[k], resumed=False)
 
+        # At most ``window`` chunks in flight, started in chunk order as others finish: tasks
+        # are made as they start, not one per chunk up front.
+        running: set[asyncio.Task[None]] = set()
         try:
-            async with asyncio.TaskGroup() as tg:
-                for k in range(n_chunks):
-                    tg.create_task(one(k))
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+            for k in range(n_chunks):
+                if keys[k] in existing:
+                    running.add(asyncio.ensure_future(resumed(k)))
+                elif self.stop is not None and self.stop.is_set():
+                    break  # chunks in flight finish and are staged; none start
+                else:
+                    running.add(asyncio.ensure_future(fetched(k)))
+                while len(running) >= self.window:
+                    done, running = await asyncio.wait(running, return_when=FIRST_COMPLETED)
+                    for t in done:
+                        t.result()
+            while running:
+                done, running = await asyncio.wait(running, return_when=FIRST_COMPLETED)
+                for t in done:
+                    t.result()
+        except BaseException:
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
         if any(c is None for c in out):
             raise RunInterrupted(
                 f"stopped with {sum(c is None for c in out)} chunk(s) of {self.service} "
