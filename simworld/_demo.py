@@ -30,7 +30,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -110,7 +110,6 @@ class DemoResult:
     leaky_set: Any = None
     labels: Any = None
     selection: ContextSet | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Post:
