@@ -47,20 +47,3 @@ def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "--members" in r.stderr
 
-
-def test_factlog_demo_reads_back_every_fact(tmp_path: Path) -> None:
-    import io
-
-    from simworld._factlog_demo import run_factlog_demo
-    from ttstore import Store, parse_timestamp
-
-    out = io.StringIO()
-    result = run_factlog_demo(
-        Store(str(tmp_path / "store")), members=50, days=1, seed=3,
-        start_us=parse_timestamp("2026-11-01T00:00:00Z", field="t"), out=out,
-    )
-    assert sum(result.logged.values()) > 0
-    assert result.read_back == result.logged
-    assert result.duplicates == 0
-    assert sum(result.per_day.values()) == sum(result.logged.values())
-    assert "MISMATCH" not in out.getvalue()
