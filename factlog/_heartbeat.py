@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -145,3 +147,59 @@ def producer_watermarks(
     """
     st = store if isinstance(store, Store) else Store(store)
     return watermarks_from(read_heartbeats(st), now_us=now_us, live_ttl_s=live_ttl_s)
+
+
+class WatermarkCache:
+    """:func:`producer_watermarks` through a short-lived cache, for hot read paths (the query
+    server answers every lookup with a completeness flag; without a cache each one lists and
+    reads every heartbeat).
+
+    Heartbeats are re-read when the copy in hand is older than ``ttl_s`` (real seconds, on a
+    monotonic clock). Liveness is judged at the earlier of the caller's now and the now of the
+    read, i.e. exactly as a fresh call would have answered at the time of the read.
+
+    Why a stale answer is safe: a producer's watermark only rises, so a cached watermark is
+    lower (more conservative: ``complete`` is False more often, never wrongly True); a producer
+    that closed or stopped heartbeating since the read still counts as live (again
+    conservative). The one exception: a producer that appears (or restarts after it stopped
+    being live) after the read is unseen for at most ``ttl_s``, so for that long its fact types
+    may be reported complete although facts wait in its spool. Fact objects themselves are never
+    cached: a flushed object is visible at once.
+
+    Args:
+        store: the store with the heartbeats.
+        ttl_s: how long one reading of the heartbeats is used; 0 reads them on every call.
+        live_ttl_s: as for :func:`producer_watermarks`.
+        monotonic: the clock (seconds) that ages the cache; ``time.monotonic`` by default.
+
+    Thread-safe.
+    """
+
+    def __init__(
+        self, store: Store, *, ttl_s: float, live_ttl_s: float = DEFAULT_LIVE_TTL_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s < 0:
+            raise ValueError("ttl_s must not be negative")
+        self.store = store
+        self.ttl_s = ttl_s
+        self.live_ttl_s = live_ttl_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._read: tuple[float, int, list[Heartbeat]] | None = None  # (mono, now_us, hbs)
+
+    def watermarks(self, *, now_us: int) -> dict[str, int | None]:
+        """As :func:`producer_watermarks` (``now_us`` the caller's now), at most ``ttl_s`` old.
+
+        Raises:
+            StoreError: the heartbeats could not be listed.
+        """
+        if self.ttl_s <= 0:
+            return watermarks_from(read_heartbeats(self.store), now_us=now_us,
+                                   live_ttl_s=self.live_ttl_s)
+        with self._lock:
+            mono = self._monotonic()
+            got = self._read
+            if got is None or mono - got[0] > self.ttl_s or mono < got[0]:
+                got = self._read = (mono, now_us, read_heartbeats(self.store))
+        return watermarks_from(got[2], now_us=min(now_us, got[1]), live_ttl_s=self.live_ttl_s)

@@ -132,6 +132,7 @@ class FactReader:
         logged_before_us: int | None = None,
         columns: Sequence[str] | None = None,
         dedup: bool = True,
+        files: Sequence[FactFile] | None = None,
     ) -> pa.Table:
         """The facts of ``fact_type``, one row per fact.
 
@@ -145,6 +146,8 @@ class FactReader:
                 applied after deduplication.
             columns: the output columns, in this order (default: the whole latest schema).
             dedup: keep one copy per (entity, fact_id) (SPEC §3). False returns every live copy.
+            files: the live files of this range, from a :meth:`live_files` call the caller just
+                made for the same range (saves listing them again); see :meth:`scan_with_files`.
 
         Returns:
             A table in the latest schema of the fact type (fields that older files lack are
@@ -155,25 +158,55 @@ class FactReader:
             InvalidInput: an unknown column, a malformed entity key, or start after end.
             StoreUnavailable: the store could not be read.
         """
+        return self.scan_with_files(
+            fact_type, entities=entities, start_us=start_us, end_us=end_us,
+            logged_before_us=logged_before_us, columns=columns, dedup=dedup, files=files)[0]
+
+    def scan_with_files(
+        self,
+        fact_type: str,
+        *,
+        entities: Sequence[Any] | pa.Array | pa.ChunkedArray | None = None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+        logged_before_us: int | None = None,
+        columns: Sequence[str] | None = None,
+        dedup: bool = True,
+        files: Sequence[FactFile] | None = None,
+    ) -> tuple[pa.Table, list[FactFile]]:
+        """As :meth:`scan`, and the live files the answer was read from (for lineage).
+
+        ``files``, when given, must be what :meth:`live_files` returned for the same fact type
+        and range within the caller's current request: they are read instead of listing the
+        partitions again (a listing made earlier in the same request shows every object flushed
+        or committed before the request). When one of them has disappeared since (a replaced
+        file deleted after its compaction's grace period), the scan lists again, and returns
+        the files it actually read.
+        """
         ft = self.fact_type(fact_type)
         schema = ft.arrow_schema().remove_metadata()
         out_cols = _output_columns(schema, columns)
         ent = None if entities is None else _entity_array(entities, schema.field(ft.entity_name))
         _check_range(start_us, end_us)
         if ent is not None and len(ent) == 0:
-            return schema.empty_table().select(out_cols)
+            return schema.empty_table().select(out_cols), list(files or ())
         read_cols = list(out_cols)
         for c in (ft.entity_name, *KEY_COLUMNS):
             if c not in read_cols:
                 read_cols.append(c)
 
+        listed = None if files is None else list(files)
+        read: list[FactFile] = []
         for attempt in range(2):
-            files = self.live_files(fact_type, start_us=start_us, end_us=end_us)
+            if attempt == 0 and listed is not None:
+                read = listed
+            else:
+                read = self.live_files(fact_type, start_us=start_us, end_us=end_us)
             try:
-                table = self._read(files, schema, read_cols, ent).combine_chunks()
+                table = self._read(read, schema, read_cols, ent).combine_chunks()
                 keep = None
                 if dedup:
-                    table, keep = self._dedup(ft, schema, files, table, read_cols, ent)
+                    table, keep = self._dedup(ft, schema, read, table, read_cols, ent)
                 break
             except FileNotFoundError:
                 # A file listed and then deleted after its compaction's grace period: the
@@ -187,8 +220,8 @@ class FactReader:
             mask = keep if mask is None else mask & keep
         rows = None if mask is None else np.flatnonzero(mask)
         order = sorted_rows(table, ft.entity_name, rows=rows, tiebreak=not dedup,
-                            runs_sorted=all(f.kind == "compacted" for f in files))
-        return table.select(out_cols).take(order)
+                            runs_sorted=all(f.kind == "compacted" for f in read))
+        return table.select(out_cols).take(order), read
 
     def _read(
         self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],

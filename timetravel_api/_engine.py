@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factlog import FactReader, UnknownFactType, producer_watermarks
+from factlog import FactReader, UnknownFactType
+from factlog._heartbeat import WatermarkCache
+from factlog._partitions import FactFile
 from snapshotter import SnapshotReader
 from ttstore import Clock, InvalidInput, Store, SystemClock
 
@@ -102,6 +104,10 @@ class Engine:
         parallel_min_rows: batches at least this big run in the process pool (smaller ones
             too from ``POOL_MIN_ROWS`` rows when there are ``POOL_MIN_BYTES`` to read), as long
             as the data is mostly compacted; online-sized lookups always run in-process.
+        watermark_cache_s: how long one reading of the producer heartbeats (for the
+            completeness flag) is reused; 0 (the default) reads them on every call. Fact
+            objects are never cached: see :class:`factlog._heartbeat.WatermarkCache` for why a
+            cached watermark is safe.
 
     Thread-safe for concurrent ``features`` calls.
     """
@@ -109,6 +115,7 @@ class Engine:
     def __init__(
         self, store: Store | str, *, repo: Any = None, clock: Clock | None = None,
         workers: int | None = None, parallel_min_rows: int = DEFAULT_PARALLEL_MIN_ROWS,
+        watermark_cache_s: float = 0.0,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.clock = clock or SystemClock()
@@ -117,6 +124,10 @@ class Engine:
         self.facts = FactReader(self.store)
         self.snapshots = SnapshotReader(self.store)
         self.repo = load_repo(repo)
+        if not watermark_cache_s >= 0:
+            raise InvalidInput("watermark_cache_s must not be negative",
+                               field="watermark_cache_s")
+        self.watermarks = WatermarkCache(self.store, ttl_s=watermark_cache_s)
 
     # -- names -----------------------------------------------------------------------------------
     def parse(self, names: Sequence[str]) -> list[FeatureSpec]:
@@ -195,11 +206,13 @@ class Engine:
             "encoder_versions": {},
         }
         raw_bytes = total_bytes = 0
+        # One listing per fact type and call: the lineage, the pool decision and the scan all
+        # use it (it is made now, so it shows every object flushed or committed before).
+        listed: dict[str, list[FactFile]] = {}
         for g in plan.groups:
-            files = self.facts.live_files(g.fact_type, start_us=g.start_us, end_us=g.end_us)
-            parts, keys = lineage_files(files)
-            lineage["fact_partitions"][g.fact_type] = parts
-            lineage["fact_files"][g.fact_type] = keys
+            files = listed[g.fact_type] = self.facts.live_files(
+                g.fact_type, start_us=g.start_us, end_us=g.end_us)
+            _set_lineage(lineage, g.fact_type, files)
             total_bytes += sum(f.size for f in files)
             raw_bytes += sum(f.size for f in files if f.kind != "compacted")
 
@@ -219,7 +232,8 @@ class Engine:
             wire = run_pool(self.store.url, queries, plan, workers=self.workers,
                             progress=progress)
         else:
-            wire = compute_partition(self._read_facts(plan, ent), queries, plan)
+            wire = compute_partition(self._read_facts(plan, ent, listed, lineage), queries,
+                                     plan)
         if progress is not None:
             progress(1.0)
         return self._assemble(specs, plan, ent, at_us, wire, lineage)
@@ -252,15 +266,21 @@ class Engine:
         return PartitionPlan(groups=tuple(groups), knowledge=knowledge, provenance=provenance,
                              entity_type=entity_type)
 
-    def _read_facts(self, plan: PartitionPlan, ent: pa.Array) -> dict[str, pa.Table]:
+    def _read_facts(
+        self, plan: PartitionPlan, ent: pa.Array, listed: Mapping[str, list[FactFile]],
+        lineage: dict[str, Any],
+    ) -> dict[str, pa.Table]:
         uniq = pc.unique(ent)
-        return {
-            g.fact_type: self.facts.scan(
+        out: dict[str, pa.Table] = {}
+        for g in plan.groups:
+            out[g.fact_type], files = self.facts.scan_with_files(
                 g.fact_type, entities=uniq, start_us=g.start_us, end_us=g.end_us,
                 logged_before_us=g.logged_before_us, columns=list(g.columns),
+                files=listed[g.fact_type],
             )
-            for g in plan.groups
-        }
+            if len(uniq) and files != listed[g.fact_type]:
+                _set_lineage(lineage, g.fact_type, files)  # the scan had to list again
+        return out
 
     # -- assembling the answer -------------------------------------------------------------------
     def _assemble(
@@ -366,13 +386,19 @@ class Engine:
     def _complete(self, fact_types: Sequence[str], at_us: np.ndarray) -> bool:
         if not fact_types or not len(at_us):
             return True
-        marks = producer_watermarks(self.store, now_us=self.clock.now_us())
+        marks = self.watermarks.watermarks(now_us=self.clock.now_us())
         newest = int(at_us.max())
         for ft in fact_types:
             wm = marks.get(ft)
             if wm is not None and newest > wm:
                 return False
         return True
+
+
+def _set_lineage(lineage: dict[str, Any], fact_type: str, files: Sequence[FactFile]) -> None:
+    parts, keys = lineage_files(files)
+    lineage["fact_partitions"][fact_type] = parts
+    lineage["fact_files"][fact_type] = keys
 
 
 # -- name resolution -----------------------------------------------------------------------------
@@ -413,6 +439,11 @@ class _Services(Mapping[str, Any]):
             for name, cfg in (getattr(repo, "services", None) or {}).items()
         }
         self._types: dict[str, str] | None = None
+
+    def __bool__(self) -> bool:
+        # ``parse_features`` tests ``services or {}``; Mapping's truth would call __len__ and
+        # list every snapshot run, even for fact-only names.
+        return True
 
     def _all(self) -> dict[str, str]:
         if self._types is None:

@@ -48,11 +48,12 @@ def encoder_columns(
         start = None if unbounded else lo - max(int(s) for s in ss if s is not None)
         ft = facts_reader.fact_type(name)
         entity_cols[name] = ft.entity_name
-        facts[name] = facts_reader.scan(
+        facts[name], files = facts_reader.scan_with_files(
             name, entities=uniq, start_us=start, end_us=hi,
             logged_before_us=hi if knowledge == "as_known" else None,
         )
-        files = facts_reader.live_files(name, start_us=start, end_us=hi)
+        if not len(uniq):  # nothing was read, but the lineage names what was there
+            files = facts_reader.live_files(name, start_us=start, end_us=hi)
         parts = lineage["fact_partitions"].setdefault(name, [])
         keys = lineage["fact_files"].setdefault(name, [])
         parts[:] = sorted({*parts, *(f.key.rsplit("/", 1)[0] for f in files)})

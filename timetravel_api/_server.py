@@ -79,6 +79,8 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_ROWS = 100_000
 DEFAULT_MAX_JOBS = 2
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: How long one reading of the producer heartbeats serves the completeness flag (seconds).
+DEFAULT_WATERMARK_CACHE_S = 0.25
 DEFAULT_FACTS_LIMIT = 1000
 MAX_FACTS_LIMIT = 100_000
 
@@ -104,6 +106,11 @@ class ApiConfig:
         cache_bytes: memory budget for decoded immutable objects (snapshot objects and fact
             row groups) kept between requests.
         workers: engine worker processes for large requests (None: the engine's default).
+        watermark_cache_s: how long one reading of the producer heartbeats is reused for the
+            completeness flag (0: read them for every request). A cached watermark can only be
+            lower than the current one (answers say ``complete: false`` more often), except
+            that a producer starting within that time is unseen for that long. Facts are never
+            cached: an object flushed before a request is in its answer.
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -111,6 +118,7 @@ class ApiConfig:
     max_jobs: int = DEFAULT_MAX_JOBS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     workers: int | None = None
+    watermark_cache_s: float = DEFAULT_WATERMARK_CACHE_S
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_rows", "max_jobs"):
@@ -118,6 +126,9 @@ class ApiConfig:
                 raise InvalidInput(f"{name} must be positive", field=name)
         if self.cache_bytes < 0:
             raise InvalidInput("cache_bytes must not be negative", field="cache_bytes")
+        if not self.watermark_cache_s >= 0:
+            raise InvalidInput("watermark_cache_s must not be negative",
+                               field="watermark_cache_s")
 
 
 class _Api:
@@ -385,7 +396,8 @@ def make_api_app(
     config = config or ApiConfig()
     if engine is None:
         from ._engine import Engine
-        engine = Engine(store, repo=repo, clock=clock, workers=config.workers)
+        engine = Engine(store, repo=repo, clock=clock, workers=config.workers,
+                        watermark_cache_s=config.watermark_cache_s)
     registry = CollectorRegistry()
     jobs = JobManager(store=store, clock=clock, max_jobs=config.max_jobs,
                       build=functools.partial(_build, store=store, repo=repo, clock=clock,
@@ -460,6 +472,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not 0 <= s < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of seconds")
+    return s
+
+
 def _non_negative(text: str) -> int:
     try:
         n = int(text)
@@ -474,7 +496,7 @@ def _serve(args: argparse.Namespace) -> int:
     auth = auth_from_args(args)  # refuse to start without auth before touching anything
     config = ApiConfig(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
                        max_jobs=args.max_jobs, cache_bytes=args.cache_bytes,
-                       workers=args.workers)
+                       workers=args.workers, watermark_cache_s=args.watermark_cache_s)
     app = make_api_app(store=open_store(args), auth=auth, clock=clock_from_now(args.now),
                        repo=args.repo, config=config)
     return run_app(app, host=args.host, port=args.port)
@@ -498,4 +520,8 @@ def register_cli(asub: Any) -> None:
                    f"{DEFAULT_CACHE_BYTES})")
     p.add_argument("--workers", type=_positive, default=None, metavar="N",
                    help="engine worker processes for large requests (default: the engine's)")
+    p.add_argument("--watermark-cache-s", type=_seconds, default=DEFAULT_WATERMARK_CACHE_S,
+                   metavar="S", help="reuse one reading of the producer heartbeats (the "
+                   "completeness flag) for this long; 0 reads them per request (default "
+                   f"{DEFAULT_WATERMARK_CACHE_S})")
     p.set_defaults(handler=_serve)
