@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -275,6 +276,9 @@ class SnapshotRunner:
             idx = pa.array(shard_indices(entities, shard, plan.shards))
             entities, weights = entities.take(idx), weights.take(idx)
         async with contextlib.AsyncExitStack() as stack:
+            writer = stack.enter_context(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="tt-stage")
+            )
             stagers = []
             for name in sorted(plan.services):
                 config = self.services[name]
@@ -292,6 +296,7 @@ class SnapshotRunner:
                         clock=self.clock,
                         stop=self.stop,
                         on_chunk=self.on_chunk,
+                        executor=writer,
                     )
                 )
             try:
