@@ -158,6 +158,8 @@ class SnapshotRunner:
     ) -> RunOutcome:
         """Run (or resume, or finish committing) the slot ``slot_us``.
 
+        Synchronous: it runs its own event loop, so call it from a thread where one is running.
+
         Args:
             shard: run only this shard (0-based); None runs every shard not yet committed.
             shards: the shard count; must match the slot's plan when one is pinned.
@@ -167,7 +169,7 @@ class SnapshotRunner:
             RunConflict: the slot's pinned plan disagrees with these arguments or services.
             SelectionNotFound: no such selection, or none selected by now.
             RunInterrupted: ``stop`` was set; what was staged is kept for the resume.
-            InvalidRunOption: the slot is after now.
+            InvalidRunOption: the slot is after now, or ``shard`` is not one of the plan's.
         """
         if slot_us > self.clock.now_us():
             raise InvalidRunOption(
@@ -181,6 +183,11 @@ class SnapshotRunner:
                 cleanup_staging(self.store, slot_us)  # left by a crash after the commit
             return RunOutcome("already_committed", slot_us, done.run_id, done)
         plan = self._plan(slot_us, shards=shards, selection_id=selection_id)
+        if shard is not None and not 0 <= shard < plan.shards:
+            raise InvalidRunOption(
+                f"shard {shard} is not in 0..{plan.shards - 1} (the slot has {plan.shards})",
+                field="shard",
+            )
         have = committed_parts(self.store, plan)
         todo = [shard] if shard is not None else list(range(plan.shards))
         todo = [i for i in todo if i not in have]
@@ -227,7 +234,9 @@ class SnapshotRunner:
                 return plan
             sel = selection_id or _latest_selection_id(self.store, self.clock.now_us())
             if selection_id is not None:
-                _selection_table(self.store, sel)  # raises SelectionNotFound
+                from ._selections import load_design
+
+                load_design(self.store, sel)  # raises SelectionNotFound
             plan = RunPlan(
                 run_id=run_id_for(slot_us, sel),
                 slot_us=slot_us,
