@@ -17,9 +17,10 @@ from ._errors import (
     UnknownFactType,
 )
 from ._facttypes import Declared, FactType, FactTypeCatalog
-from ._heartbeat import Heartbeat, producer_watermarks, read_heartbeats
+from ._heartbeat import Heartbeat, WatermarkCache, producer_watermarks, read_heartbeats
 from ._logger import FactLogger, LoggerConfig
 from ._metrics import LoggerStats
+from ._parquetio import RowGroupCache
 from ._partitions import CompactionRecord, FactFile
 from ._reader import FactReader
 from ._stats import StatsConfig, fact_stats
@@ -34,6 +35,8 @@ __all__ = [
     "Compactor",
     "Declared",
     "FactFile",
+    "RowGroupCache",
+    "WatermarkCache",
     "FactLogger",
     "FactReader",
     "FactType",

@@ -386,7 +386,7 @@ def parse_grace(value: str) -> int:
 
 def register_cli(fsub: Any) -> None:
     """Add ``compact`` to the ``timetravel facts`` subcommands."""
-    from ttstore._cli import add_common_options  # noqa: PLC0415
+    from ttstore import add_common_options  # noqa: PLC0415
 
     p = fsub.add_parser(
         "compact", help="merge each partition's small files into deduplicated, sorted ones",

@@ -35,18 +35,19 @@ from ttstore import (
     InvalidInput,
     RouteTable,
     Store,
+    add_common_options,
     add_server_options,
     auth_from_args,
     check_name,
     clock_from_now,
     json_response,
     make_app,
+    open_store,
     principal,
     read_body,
     read_json,
     run_app,
 )
-from ttstore._cli import add_common_options, open_store
 
 from ._bodies import FACT_BODY_TYPES, body_kind, parse_facts
 from ._errors import FactValidationError

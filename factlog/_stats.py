@@ -197,7 +197,7 @@ def _time_arg(value: str | None, *, field: str, end: bool) -> int | None:
 
 def register_cli(fsub: Any) -> None:
     """Add ``stats`` to the ``timetravel facts`` subcommands."""
-    from ttstore._cli import add_common_options  # noqa: PLC0415
+    from ttstore import add_common_options  # noqa: PLC0415
 
     p = fsub.add_parser(
         "stats", help="counts per type and day; nulls, late and imported facts; duplicates; "

@@ -9,9 +9,15 @@ import os
 import time
 from typing import Any
 
-from ttstore import DEFAULT_STORE, Store, TimetravelError, parse_timestamp
-from ttstore._cli import add_common_options, open_store
-from ttstore._config import ENV_STORE
+from ttstore import (
+    DEFAULT_STORE,
+    ENV_STORE,
+    Store,
+    TimetravelError,
+    add_common_options,
+    open_store,
+    parse_timestamp,
+)
 
 DEFAULT_START = "2026-11-01T00:00:00Z"
 

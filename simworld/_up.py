@@ -119,7 +119,7 @@ class UpConfig:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from ttstore._cli import run; run()", *args]
+    return [sys.executable, "-m", "ttstore", *args]
 
 
 def run_up(cfg: UpConfig, *, out: TextIO = sys.stdout) -> int:

@@ -14,8 +14,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ttstore import Clock, Store, clock_from_now, format_timestamp, parse_timestamp
-from ttstore._cli import add_common_options, open_store
+from ttstore import (
+    Clock,
+    Store,
+    add_common_options,
+    clock_from_now,
+    format_timestamp,
+    open_store,
+    parse_timestamp,
+)
 
 from ._errors import InvalidRunOption
 from ._manifest import ManifestCache, pending_runs

@@ -14,8 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ttstore import ENTITY_TYPES, Store, SystemClock, parse_timestamp
-from ttstore._cli import add_common_options
+from ttstore import ENTITY_TYPES, Store, SystemClock, add_common_options, parse_timestamp
 
 from ._allocate import ALLOCATIONS
 from ._errors import PopulationError, SelectionError

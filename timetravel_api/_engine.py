@@ -27,9 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factlog import FactReader, UnknownFactType
-from factlog._heartbeat import WatermarkCache
-from factlog._partitions import FactFile
+from factlog import FactFile, FactReader, UnknownFactType, WatermarkCache
 from snapshotter import SnapshotReader
 from ttstore import Clock, InvalidInput, Store, SystemClock
 

@@ -15,7 +15,7 @@ from ._repo import FeatureRepo
 
 def register_cli(sub: Any) -> None:
     """Add ``timetravel parity`` to the dispatcher."""
-    from ttstore._cli import add_common_options  # noqa: PLC0415
+    from ttstore import add_common_options  # noqa: PLC0415
 
     p = sub.add_parser(
         "parity", help="check online/offline parity of the feature encoders",

@@ -35,8 +35,7 @@ import pyarrow as pa
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from factlog import FactReader, FactTypeCatalog, producer_watermarks
-from factlog._parquetio import RowGroupCache
+from factlog import FactReader, FactTypeCatalog, RowGroupCache, producer_watermarks
 from snapshotter import SnapshotReader, list_selections
 from ttstore import (
     Authenticator,
@@ -45,6 +44,7 @@ from ttstore import (
     RouteTable,
     Store,
     TimetravelError,
+    add_common_options,
     add_server_options,
     arrow_response,
     auth_from_args,
@@ -52,13 +52,13 @@ from ttstore import (
     format_timestamp,
     json_response,
     make_app,
+    open_store,
     parse_duration,
     parse_timestamp,
     read_json,
     run_app,
     wants_arrow,
 )
-from ttstore._cli import add_common_options, open_store
 
 from ._codec import (
     FeatureRequest,

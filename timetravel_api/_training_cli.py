@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ttstore import InvalidInput, Store, clock_from_now
-from ttstore._cli import add_common_options
+from ttstore import InvalidInput, Store, add_common_options, clock_from_now
 
 from ._training import build_training_set, lineage, write_training_set
 

@@ -17,6 +17,7 @@ from ._auth import (
     load_tokens,
     parse_tokens,
 )
+from ._cli import add_common_options, open_store
 from ._config import (
     DEFAULT_STORE,
     ENV_AWS_ENDPOINT_URL,
@@ -126,6 +127,8 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 __all__ = [
+    "add_common_options",
+    "open_store",
     "ANONYMOUS",
     "READ",
     "SCOPES",
