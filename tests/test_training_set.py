@@ -204,3 +204,29 @@ def test_snapshot_provenance_names_the_run(local_store: Store) -> None:
     assert prov[0]["time"].timestamp() * US_PER_S == T0 + H
     assert prov[0]["age_s"] == 3600.0
     assert res.lineage["snapshot_runs"] == [run_id]
+
+
+def _history_count(view):  # type: ignore[no-untyped-def]
+    row = view.snapshot("history")
+    return None if row is None else row["count"]
+
+
+def test_snapshot_fed_encoder_alone_brings_the_design_weight(local_store: Store) -> None:
+    """An encoder that reads snapshot rows is a snapshot feature: its rows carry weight."""
+    from snapshotter import ServiceConfig
+    from timetravel_api import FeatureRepo, encoder, snapshot
+
+    store, _ = make_store(local_store)
+    enc = encoder(inputs=[snapshot("history")], output="int64", name="history_count")(
+        _history_count)
+    repo = FeatureRepo.from_objects(
+        [PLAY, ServiceConfig(name="history", url="http://127.0.0.1:9/{entity_id}"), enc])
+    labels = labels_table()
+    out = build_training_set(labels, ["history_count"], store=store, repo=repo, workers=1)
+    assert out.column_names == [*labels.column_names, "history_count", "weight"]
+    ents = labels.column("entity_id").to_pylist()
+    at = labels.column("at").cast(pa.int64()).to_pylist()
+    want_w = [2.5 if e in (0, 1, 2) and t >= T0 + H + 60 * US_PER_S else None
+              for e, t in zip(ents, at, strict=True)]
+    assert out.column("weight").to_pylist() == want_w
+    assert lineage(out)["snapshot_runs"]

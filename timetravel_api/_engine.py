@@ -307,11 +307,12 @@ class Engine:
                     prov[specs[i].name] = provenance_struct(source, ids, ev, at_us)
 
         encs = [s for s in specs if s.kind == "encoder"]
+        snapshot_rows: list[pa.Table] = []
         if encs:
             from ._engine_encoders import encoder_columns  # noqa: PLC0415
 
-            got = encoder_columns(self.facts, self.snapshots, encs, ent, at_us,
-                                  knowledge=plan.knowledge, lineage=lineage)
+            got, snapshot_rows = encoder_columns(self.facts, self.snapshots, encs, ent, at_us,
+                                                 knowledge=plan.knowledge, lineage=lineage)
             for s in encs:
                 vals, st = got[s.name]
                 values[s.name] = vals
@@ -322,9 +323,10 @@ class Engine:
                         pa.array([f"encoder:{s.name}@{version}"] * n, pa.string()),
                         pa.nulls(n, pa.string()), pa.nulls(n, pa.int64()), at_us)
         snap = [(i, s) for i, s in enumerate(specs) if s.kind == "snapshot"]
-        weight = None
         if snap:
-            weight = self._snapshots(snap, ent, at_us, plan, values, status, prov, lineage)
+            snapshot_rows += self._snapshots(snap, ent, at_us, plan, values, status, prov,
+                                             lineage)
+        weight = design_weight(snapshot_rows, len(ent)) if uses_snapshots(specs) else None
         used = [g.fact_type for g in plan.groups]
         used += [ft for s in encs for ft in s.encoder.fact_types if ft not in used]
         complete = self._complete(used, at_us)
@@ -343,15 +345,14 @@ class Engine:
         self, snap: Sequence[tuple[int, FeatureSpec]], ent: pa.Array, at_us: np.ndarray,
         plan: PartitionPlan, values: dict[str, pa.Array], status: dict[str, pa.Array],
         prov: dict[str, pa.Array], lineage: dict[str, Any],
-    ) -> pa.Array:
+    ) -> list[pa.Table]:
         by_service: dict[str, list[FeatureSpec]] = {}
         for _, s in snap:
             assert s.service is not None
             by_service.setdefault(s.service, []).append(s)
         n = len(ent)
-        weight = pa.nulls(n, pa.float64())
-        selection = pa.nulls(n, pa.string())
-        runs: set[str] = set()
+        tables: list[pa.Table] = []
+        runs: set[str] = set(lineage["snapshot_runs"])
         for service, ss in by_service.items():
             fields = list(dict.fromkeys(s.field for s in ss if s.field is not None))
             t = self.snapshots.read(service, ent, at_us, knowledge=plan.knowledge,
@@ -366,20 +367,10 @@ class Engine:
                     prov[s.name] = provenance_struct(
                         t.column("run_id").combine_chunks(), pa.nulls(n, pa.string()),
                         cap.cast(pa.int64()), at_us)
-            sel = t.column("selection_id").combine_chunks()
-            both = pc.and_(pc.is_valid(sel), pc.is_valid(selection))
-            clash = pc.and_(both, pc.not_equal(sel, selection))
-            if pc.any(clash).as_py():
-                row = int(np.flatnonzero(clash.to_numpy(zero_copy_only=False))[0])
-                raise InvalidInput(
-                    f"snapshot features come from different selections in row {row} "
-                    f"({selection[row].as_py()} and {sel[row].as_py()}); request features "
-                    "of one selection", field="features")
-            selection = pc.coalesce(selection, sel)
-            weight = pc.coalesce(weight, t.column("weight").combine_chunks())
+            tables.append(t)
             runs.update(r for r in pc.unique(t.column("run_id")).to_pylist() if r is not None)
         lineage["snapshot_runs"] = sorted(runs)
-        return weight
+        return tables
 
     def _complete(self, fact_types: Sequence[str], at_us: np.ndarray) -> bool:
         if not fact_types or not len(at_us):
@@ -473,3 +464,32 @@ def load_repo(repo: Any) -> Any:
             from exc
     return FeatureRepo.load(os.fspath(repo))
 
+
+def uses_snapshots(specs: Sequence[FeatureSpec]) -> bool:
+    """Whether any feature reads snapshot rows: ``snapshot.S.F``, or an encoder with snapshot
+    inputs. Such requests carry the design ``weight`` (SPEC §7)."""
+    return any(s.kind == "snapshot" or (s.kind == "encoder" and bool(s.encoder.services))
+               for s in specs)
+
+
+def design_weight(snapshot_rows: Sequence[pa.Table], n: int) -> pa.Array:
+    """1/pi of the selection behind each row's snapshot rows (null where not sampled).
+
+    Raises:
+        InvalidInput: one row's snapshot rows come from different selections.
+    """
+    weight = pa.nulls(n, pa.float64())
+    selection = pa.nulls(n, pa.string())
+    for t in snapshot_rows:
+        sel = t.column("selection_id").combine_chunks()
+        both = pc.and_(pc.is_valid(sel), pc.is_valid(selection))
+        clash = pc.and_(both, pc.not_equal(sel, selection))
+        if pc.any(clash).as_py():
+            row = int(np.flatnonzero(clash.to_numpy(zero_copy_only=False))[0])
+            raise InvalidInput(
+                f"snapshot features come from different selections in row {row} "
+                f"({selection[row].as_py()} and {sel[row].as_py()}); request features "
+                "of one selection", field="features")
+        selection = pc.coalesce(selection, sel)
+        weight = pc.coalesce(weight, t.column("weight").combine_chunks())
+    return weight

@@ -25,8 +25,9 @@ def encoder_columns(
     *,
     knowledge: str,
     lineage: dict[str, Any],
-) -> dict[str, tuple[pa.Array, np.ndarray]]:
-    """Values and statuses of the encoder features ``specs`` for every query row.
+) -> tuple[dict[str, tuple[pa.Array, np.ndarray]], list[pa.Table]]:
+    """Values and statuses of the encoder features ``specs`` for every query row, and the
+    as-of snapshot rows the encoders read (the engine takes the design weight from them).
 
     Reads, per fact type an encoder declares, ``event_time`` in ``[min(at) - largest span,
     max(at)]`` (no lower bound when a span is unbounded) for the queried entities only, and
@@ -69,4 +70,4 @@ def encoder_columns(
                             knowledge=knowledge, entity_cols=entity_cols)
     for enc in encoders:
         lineage["encoder_versions"][enc.name] = enc.version
-    return out
+    return out, list(snapshots.values())

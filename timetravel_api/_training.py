@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ttstore import Clock, InvalidInput, Store, SystemClock, format_timestamp
 
-from ._engine import Engine, FeatureResult
+from ._engine import Engine, FeatureResult, uses_snapshots
 
 LINEAGE_PREFIX = "timetravel."
 #: ``--labels``/``--out`` values with this prefix name a key inside the store.
@@ -85,7 +85,7 @@ def build_training_set(
     eng = Engine(st, repo=repo, clock=clock, workers=workers)
     names = [features] if isinstance(features, str) else list(features)
     specs = eng.parse(names)
-    snapshot = any(s.kind == "snapshot" for s in specs)
+    snapshot = uses_snapshots(specs)
     check_label_columns(table, names, weight=snapshot)
     at = table.column(AT_COLUMN)
     res = eng.features(table.column(ENTITY_COLUMN), at, names, knowledge=knowledge,
