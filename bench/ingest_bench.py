@@ -21,9 +21,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from ._types import Result
 
 FIELDS = {"video_id": "int64", "seconds": "float64", "device": "string", "genre": "string",
           "row": "int64", "autoplay": "bool"}
@@ -68,12 +71,13 @@ def bodies(n: int) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--facts", type=int, default=50_000, help="facts per request")
-    ap.add_argument("--repeat", type=int, default=3, help="requests per format (best is kept)")
-    args = ap.parse_args()
+def measure(n_facts: int, repeat: int) -> dict[str, Any]:
+    """Start a server, post each body format ``repeat`` times, then flush.
+
+    Returns ``{"formats": {name: (body_bytes, best_seconds)}, "flush_s": s, "flushed": n}``.
+    """
     exe = Path(sys.executable).parent / "timetravel"
+    formats: dict[str, tuple[int, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tt-ingest-bench-") as tmp:
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
@@ -91,27 +95,61 @@ def main() -> int:
                     time.sleep(0.05)
             decl = {"entity": {"name": "member_id", "type": "int64"}, "fields": FIELDS}
             _call(base + "/v1/fact-types/bench", "PUT", json.dumps(decl).encode())
-            print(f"ingest server, local store, {args.facts} facts/request, 6 fields; "
-                  f"best of {args.repeat}; 202 = durable in the spool")
-            for name, (data, ctype) in bodies(args.facts).items():
+            for name, (data, ctype) in bodies(n_facts).items():
                 best = float("inf")
-                for _ in range(args.repeat):
+                for _ in range(repeat):
                     t0 = time.perf_counter()
                     status, out = _call(base + "/v1/facts/bench", "POST", data, ctype)
                     best = min(best, time.perf_counter() - t0)
                     accepted = json.loads(out)["accepted"]
-                    if status != 202 or accepted != args.facts:
-                        raise SystemExit(f"{name}: {status} {out[:300]!r}")
-                print(f"  {name:7s} {len(data) / 1e6:6.1f} MB  {best * 1e3:7.0f} ms  "
-                      f"{args.facts / best:12,.0f} facts/s")
+                    if status != 202 or accepted != n_facts:
+                        raise RuntimeError(f"{name}: {status} {out[:300]!r}")
+                formats[name] = (len(data), best)
             t0 = time.perf_counter()
             _call(base + "/v1/flush", "POST", b"{}")
-            total = 3 * args.repeat * args.facts
-            print(f"  flush (upload of {total:,} facts as Parquet): "
-                  f"{time.perf_counter() - t0:.2f} s")
+            flush_s = time.perf_counter() - t0
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+    return {"formats": formats, "flush_s": flush_s, "flushed": len(formats) * repeat * n_facts}
+
+
+def run(quick: bool) -> list[Result]:
+    n_facts, repeat = (20_000, 2) if quick else (50_000, 3)
+    m = measure(n_facts, repeat)
+    fmts: dict[str, tuple[int, float]] = m["formats"]
+    json_rate = n_facts / fmts["json"][1]
+    note = (f"timetravel facts serve on loopback, local store, {n_facts:,} facts/request, "
+            f"6 fields; best of {repeat}; ends at the 202 (durable in the spool)")
+    out = []
+    for name, label in (("arrow", "Arrow IPC stream"), ("ndjson", "NDJSON"),
+                        ("json", "JSON array")):
+        size, best = fmts[name]
+        base = None if name == "json" else json_rate
+        out.append(Result(
+            metric=f"ingest POST, {label} body", unit="facts/s", value=n_facts / best,
+            baseline=base, baseline_name=None if base is None else "JSON array body",
+            note=f"{note}; body {size / 1e6:.1f} MB",
+        ))
+    out.append(Result(
+        metric="ingest flush (spool to store as Parquet)", unit="s", value=m["flush_s"],
+        note=f"one POST /v1/flush of {m['flushed']:,} spooled facts",
+    ))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--facts", type=int, default=50_000, help="facts per request")
+    ap.add_argument("--repeat", type=int, default=3, help="requests per format (best is kept)")
+    args = ap.parse_args()
+    m = measure(args.facts, args.repeat)
+    print(f"ingest server, local store, {args.facts} facts/request, 6 fields; "
+          f"best of {args.repeat}; 202 = durable in the spool")
+    for name, (size, best) in m["formats"].items():
+        print(f"  {name:7s} {size / 1e6:6.1f} MB  {best * 1e3:7.0f} ms  "
+              f"{args.facts / best:12,.0f} facts/s")
+    print(f"  flush (upload of {m['flushed']:,} facts as Parquet): {m['flush_s']:.2f} s")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Scan throughput of factlog.FactReader on a local store, raw files versus compacted.
 
-    .venv/bin/python bench/reader_bench.py [--facts 4000000] [--files 80] [--dup-share 0.01]
+    .venv/bin/python -m bench.reader_bench [--facts 4000000] [--files 80] [--dup-share 0.01]
 
 It writes ``--facts`` facts of one fact type over two UTC days, as ``--files`` raw objects in
 logging order (entities interleaved, as producers write them), with a share of duplicate copies.
@@ -23,6 +23,8 @@ import pyarrow as pa
 from factlog import CompactionConfig, Compactor, FactReader, FactType, FactTypeCatalog
 from factlog._ids import uuid7_array
 from ttstore import TIMESTAMP_TYPE, US_PER_DAY, ManualClock, Store, utc_date
+
+from ._types import Result
 
 T0 = 1_798_761_600_000_000  # 2027-01-01T00:00:00Z
 FT = FactType("play", entity=("member_id", "int64"),
@@ -96,6 +98,62 @@ def measure(reader: FactReader, repeat: int, n_entities: int) -> dict[str, Any]:
     return res
 
 
+def bench(n_facts: int, files: int, n_entities: int, dup_share: float, repeat: int,
+          row_group_rows: int) -> dict[str, Any]:
+    """Build a raw store, measure, compact, measure again; the figures of both."""
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        t = time.perf_counter()
+        build(store, n_facts, files, dup_share, n_entities)
+        build_s = time.perf_counter() - t
+        reader = FactReader(store)
+        raw = measure(reader, repeat, n_entities)
+        compactor = Compactor(store, clock=ManualClock(T0 + 3 * US_PER_DAY),
+                              config=CompactionConfig(row_group_rows=row_group_rows))
+        t = time.perf_counter()
+        report = compactor.run()
+        compact_s = time.perf_counter() - t
+        compacted = measure(reader, repeat, n_entities)
+        assert compacted["facts"] == raw["facts"]
+        return {"facts_written": report.totals()["rows_in"], "raw_files": files,
+                "build_s": build_s, "compaction_s": compact_s,
+                "compaction": report.totals(), "raw": raw, "compacted": compacted}
+
+
+def run(quick: bool) -> list[Result]:
+    n_facts, files, n_entities, repeat = ((400_000, 20, 20_000, 2) if quick
+                                          else (2_000_000, 40, 100_000, 3))
+    out = bench(n_facts, files, n_entities, 0.01, repeat, CompactionConfig().row_group_rows)
+    raw, comp = out["raw"], out["compacted"]
+    note = (f"{raw['facts']:,} facts ({out['facts_written']:,} copies, 1% duplicates) over "
+            f"2 days in {files} raw files, {n_entities:,} entities; best of {repeat}")
+    base = "raw files (before compaction)"
+    results = [
+        Result(metric="FactReader full scan, dedup, compacted", unit="facts/s",
+               value=comp["full_scan_facts_per_s"], baseline=raw["full_scan_facts_per_s"],
+               baseline_name=base, note=note),
+        Result(metric="FactReader scan 3 columns, dedup, compacted", unit="facts/s",
+               value=comp["narrow_scan_facts_per_s"], baseline=raw["narrow_scan_facts_per_s"],
+               baseline_name=base, note=note),
+        Result(metric="FactReader full scan, no dedup, compacted", unit="facts/s",
+               value=comp["full_scan_no_dedup_facts_per_s"],
+               baseline=raw["full_scan_no_dedup_facts_per_s"], baseline_name=base, note=note),
+    ]
+    for k in (1, 10, 100, 1000):
+        results.append(Result(
+            metric=f"FactReader scan {k:,} entities, compacted", unit="ms",
+            value=comp[f"scan_{k}_entities_ms"], baseline=raw[f"scan_{k}_entities_ms"],
+            baseline_name=base, note=note))
+    results.append(Result(
+        metric="FactReader scan 1,000 entities, 1 h window, compacted", unit="ms",
+        value=comp["scan_1000_entities_1h_ms"], baseline=raw["scan_1000_entities_1h_ms"],
+        baseline_name=base, note=note))
+    results.append(Result(
+        metric="Compactor.run on the raw store", unit="s", value=out["compaction_s"],
+        note=note))
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facts", type=int, default=4_000_000)
@@ -106,23 +164,9 @@ def main() -> None:
     ap.add_argument("--row-group-rows", type=int, default=CompactionConfig().row_group_rows)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        store = Store(d)
-        t = time.perf_counter()
-        build(store, args.facts, args.files, args.dup_share, args.entities)
-        build_s = time.perf_counter() - t
-        reader = FactReader(store)
-        raw = measure(reader, args.repeat, args.entities)
-        compactor = Compactor(store, clock=ManualClock(T0 + 3 * US_PER_DAY),
-                              config=CompactionConfig(row_group_rows=args.row_group_rows))
-        t = time.perf_counter()
-        report = compactor.run()
-        compact_s = time.perf_counter() - t
-        compacted = measure(reader, args.repeat, args.entities)
-        assert compacted["facts"] == raw["facts"]
-        out = {"facts_written": report.totals()["rows_in"], "raw_files": args.files,
-               "build_s": build_s, "compaction_s": compact_s,
-               "compaction": report.totals(), "raw": raw, "compacted": compacted}
+    out = bench(args.facts, args.files, args.entities, args.dup_share, args.repeat,
+                args.row_group_rows)
+    raw, compacted, compact_s = out["raw"], out["compacted"], out["compaction_s"]
     if args.json:
         print(json.dumps(out, indent=1))
         return
