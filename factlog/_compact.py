@@ -448,8 +448,9 @@ def _cli_compact(args: Any) -> int:
         f"{verb} {t['partitions_compacted']} of {len(report.partitions)} partitions: "
         f"{t['files_in']} files → {t['files_out']}, {t['rows_in']:,} rows → {t['rows_out']:,} "
         f"({t['duplicates_removed']:,} duplicates removed, {t['conflicts']:,} conflicts); "
-        f"{'would delete' if args.dry_run else 'deleted'} {t['files_deleted']} files"
+        f"{'would delete' if args.dry_run else 'deleted'} {t['files_deleted']} files",
+        soft_wrap=True,  # one line however long: scripts grep it
     )
     for k in report.deleted:
-        out.print(f"{'would delete' if args.dry_run else 'deleted'} {k}")
+        out.print(f"{'would delete' if args.dry_run else 'deleted'} {k}", soft_wrap=True)
     return 0

@@ -274,7 +274,8 @@ def print_stats(report: dict[str, Any]) -> None:
                 nulls.add_row(f, _share(r))
             out.print(nulls)
         for c in s["conflicts"]["facts"]:
-            out.print(f"conflict: {s['fact_type']} entity {c['entity']} fact_id {c['fact_id']}")
+            out.print(f"conflict: {s['fact_type']} entity {c['entity']} fact_id {c['fact_id']}",
+                      soft_wrap=True)
 
 
 def _share(x: float | None) -> str:
