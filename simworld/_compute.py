@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from factlog import FactLogger
 from timetravel_api import FeatureRepo, View, log_served_features
 from ttstore import Clock, format_timestamp, parse_timestamp
 
+from ._server import serve_in_thread
 from ._world import GENRES, World
 
 __all__ = ["ComputeApp", "running_compute_app"]
@@ -224,40 +224,11 @@ class RunningApp:
 @contextlib.contextmanager
 def running_compute_app(app: ComputeApp, *, host: str = "127.0.0.1") -> Iterator[RunningApp]:
     """Serve ``app`` on a free loopback port from a background thread, for the ``with``."""
-    box: dict[str, Any] = {}
-    ready = threading.Event()
+    def runner() -> web.AppRunner:
+        return web.AppRunner(app.make_app(), access_log=None, shutdown_timeout=2.0)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        box["loop"], box["stop"] = asyncio.get_running_loop(), stop
-        runner = web.AppRunner(app.make_app(), access_log=None, shutdown_timeout=2.0)
-        try:
-            await runner.setup()
-            site = web.TCPSite(runner, host, 0)
-            await site.start()
-            box["port"] = runner.addresses[0][1]
-        except BaseException as exc:
-            box["error"] = exc
-            ready.set()
-            await runner.cleanup()
-            return
-        ready.set()
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), name="compute-app", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        thread.join()
-        raise box["error"]
-    try:
-        yield RunningApp(url=f"http://{host}:{box['port']}", app=app)
-    finally:
-        box["loop"].call_soon_threadsafe(box["stop"].set)
-        thread.join()
+    with serve_in_thread(runner, host=host, port=0, name="compute-app") as url:
+        yield RunningApp(url=url, app=app)
 
 
 def sigmoid(x: float) -> float:

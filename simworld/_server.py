@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,13 +194,26 @@ def running_world(
         The running world; its ``state`` gives direct access to clock, faults and counters.
     """
     state = SimState(world, clock or SimClock(world.start_us), seed=fault_seed)
+    with serve_in_thread(lambda: _app_runner(state), host=host, port=port, name="simworld") as url:
+        yield RunningWorld(url=url, control=SimControl(url), state=state)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    make_runner: Callable[[], web.AppRunner], *, host: str, port: int, name: str
+) -> Iterator[str]:
+    """Serve an aiohttp app from a background thread with its own event loop, for the ``with``.
+
+    Yields:
+        The base URL (``port`` 0 picks a free one). Start-up errors are raised here.
+    """
     box: dict[str, Any] = {}
     ready = threading.Event()
 
     async def main() -> None:
         stop = asyncio.Event()
         box["loop"], box["stop"] = asyncio.get_running_loop(), stop
-        runner = _app_runner(state)
+        runner = make_runner()
         try:
             await runner.setup()
             site = web.TCPSite(runner, host, port)
@@ -217,15 +230,14 @@ def running_world(
         finally:
             await runner.cleanup()
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), name="simworld", daemon=True)
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name=name, daemon=True)
     thread.start()
     ready.wait()
     if "error" in box:
         thread.join()
         raise box["error"]
-    url = f"http://{host}:{box['port']}"
     try:
-        yield RunningWorld(url=url, control=SimControl(url), state=state)
+        yield f"http://{host}:{box['port']}"
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join()

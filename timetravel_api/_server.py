@@ -55,6 +55,7 @@ from ttstore import (
     open_store,
     parse_duration,
     parse_timestamp,
+    positive_int,
     read_json,
     run_app,
     wants_arrow,
@@ -462,16 +463,6 @@ def _routes(api: _Api) -> RouteTable:
     return routes
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return n
-
-
 def _seconds(text: str) -> float:
     try:
         s = float(text)
@@ -511,14 +502,14 @@ def register_cli(asub: Any) -> None:
         "explicit --no-auth.")
     add_common_options(p, now=True)
     add_server_options(p, default_port=DEFAULT_PORT, default_max_body_bytes=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-rows", type=_positive, default=DEFAULT_MAX_ROWS, metavar="N",
+    p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"query rows per request; more get 413 (default {DEFAULT_MAX_ROWS})")
-    p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS, metavar="N",
+    p.add_argument("--max-jobs", type=positive_int, default=DEFAULT_MAX_JOBS, metavar="N",
                    help=f"training-set jobs at once; more get 429 (default {DEFAULT_MAX_JOBS})")
     p.add_argument("--cache-bytes", type=_non_negative, default=DEFAULT_CACHE_BYTES,
                    metavar="N", help="memory budget for cached immutable data (default "
                    f"{DEFAULT_CACHE_BYTES})")
-    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="engine worker processes for large requests (default: the engine's)")
     p.add_argument("--watermark-cache-s", type=_seconds, default=DEFAULT_WATERMARK_CACHE_S,
                    metavar="S", help="reuse one reading of the producer heartbeats (the "

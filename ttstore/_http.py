@@ -414,7 +414,8 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
     try:
         n = int(text)
     except ValueError:
@@ -439,7 +440,7 @@ def add_server_options(
     parser.add_argument("--no-auth", action="store_true",
                         help="turn auth off: every request may read and write")
     parser.add_argument(
-        "--max-body-bytes", type=_positive_int, default=default_max_body_bytes, metavar="N",
+        "--max-body-bytes", type=positive_int, default=default_max_body_bytes, metavar="N",
         help=f"larger request bodies get 413 (default {default_max_body_bytes})")
 
 
