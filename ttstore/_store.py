@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -186,7 +185,6 @@ class S3Backend:
         self.multipart_threshold_bytes = int(
             os.environ.get(ENV_MULTIPART_THRESHOLD, DEFAULT_MULTIPART_THRESHOLD_BYTES)
         )
-        self._lock = threading.Lock()
 
     def _key(self, k: str) -> str:
         return f"{self.prefix}/{k}" if self.prefix else k
