@@ -27,6 +27,9 @@ from ._partitions import FactFile
 
 _PARQUET = ds.ParquetFileFormat()
 DEFAULT_MAX_CACHED_FILES = 20_000
+#: Lists of files whose combined row-group statistics are memoized (a query server asks about
+#: the same few ranges of partitions over and over).
+_MAX_FILE_INDEXES = 256
 
 
 @dataclass(frozen=True)
@@ -42,24 +45,86 @@ class FooterCache:
     def __init__(self, *, max_files: int = DEFAULT_MAX_CACHED_FILES) -> None:
         self.max_files = max_files
         self._items: OrderedDict[tuple[str, str], _Footer] = OrderedDict()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.indexes: OrderedDict[tuple[tuple[str, ...], str], _FilesIndex] = OrderedDict()
 
     def get(self, fs: Any, path: str, key: str, entity: str) -> _Footer:
-        with self._lock:
+        with self.lock:
             hit = self._items.get((key, entity))
             if hit is not None:
                 self._items.move_to_end((key, entity))
                 return hit
         footer = _load(fs, path, entity)
-        with self._lock:
+        with self.lock:
             self._items[(key, entity)] = footer
             while len(self._items) > self.max_files:
                 self._items.popitem(last=False)
         return footer
 
 
+@dataclass(frozen=True)
+class IndexedGroup:
+    """One decoded row group with its rows sorted by entity (file order within a key), and
+    where each key's rows start: ``rows_of`` and ``take`` are binary searches, not scans.
+
+    Attributes:
+        table: the rows, sorted by entity.
+        keys: the distinct entity keys, sorted (int64, or an object array of str).
+        starts: ``starts[i]:starts[i + 1]`` are the rows of ``keys[i]``.
+        nbytes: what it holds in memory, for the cache budget.
+    """
+
+    table: pa.Table
+    keys: np.ndarray
+    starts: np.ndarray
+    nbytes: int
+
+    @classmethod
+    def build(cls, table: pa.Table, entity: str) -> IndexedGroup:
+        col = table.column(entity).combine_chunks()
+        ent = np.asarray(col.to_numpy(zero_copy_only=False))
+        n = len(ent)
+        if n > 1 and not bool(np.all(ent[1:] >= ent[:-1])):
+            # raw files are in logging order; a stable sort keeps file order within a key
+            order = (np.argsort(ent, kind="stable") if ent.dtype != object
+                     else np.asarray(pc.sort_indices(col).to_numpy()))
+            table, ent = table.take(pa.array(order)), ent[order]
+        change = np.flatnonzero(ent[1:] != ent[:-1]) + 1 if n > 1 else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], change, [n]]).astype(np.int64) if n else np.zeros(1, np.int64)
+        keys = ent[starts[:-1]]
+        extra = keys.nbytes + starts.nbytes
+        if keys.dtype == object:  # the str objects themselves
+            extra += sum(len(k) for k in keys.tolist()) + 56 * len(keys)
+        return cls(table.combine_chunks(), keys, starts, table.nbytes + extra)
+
+    def rows_of(self, key_: Any) -> tuple[int, int]:
+        """The rows of one key (an empty range when it has none)."""
+        i = int(self.keys.searchsorted(key_))
+        if i < len(self.keys) and self.keys[i] == key_:
+            return int(self.starts[i]), int(self.starts[i + 1])
+        return 0, 0
+
+    def take(self, wanted: np.ndarray) -> pa.Table:
+        """The rows of the ``wanted`` keys (sorted), in key order."""
+        if len(wanted) == 1:
+            a, b = self.rows_of(wanted[0])
+            return self.table.slice(a, b - a)
+        i = np.searchsorted(self.keys, wanted)
+        hit = i < len(self.keys)
+        hit[hit] = self.keys[i[hit]] == wanted[hit]
+        i = i[hit]
+        lo, hi = self.starts[i], self.starts[i + 1]
+        if len(i) == 1:
+            return self.table.slice(int(lo[0]), int(hi[0] - lo[0]))
+        lens = hi - lo
+        rows = np.repeat(lo - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
+            int(lens.sum()))
+        return self.table.take(pa.array(rows))
+
+
 class RowGroupCache:
-    """Decoded row groups of fact files, least recently used evicted beyond ``max_bytes``.
+    """Decoded row groups of fact files, indexed by entity (:class:`IndexedGroup`), least
+    recently used evicted beyond ``max_bytes``.
 
     Fact objects are immutable, so a row group once decoded can be kept for as long as memory
     allows; a new object (a flush, a compaction) has a new key and is read on first use, so the
@@ -71,11 +136,11 @@ class RowGroupCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[tuple[str, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int, tuple[str, ...]], IndexedGroup] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, fs: Any, footer: _Footer, key: str, group: int, schema: pa.Schema,
-            columns: tuple[str, ...]) -> pa.Table:
+            columns: tuple[str, ...], entity: str) -> IndexedGroup:
         k = (key, group, columns)
         with self._lock:
             hit = self._items.get(k)
@@ -86,54 +151,84 @@ class RowGroupCache:
             self.misses += 1
         frag = footer.fragment.subset(row_group_ids=[group])
         table = ds.FileSystemDataset([frag], schema, _PARQUET, fs).to_table(
-            columns=list(columns), use_threads=False).combine_chunks()
-        size = table.nbytes
-        if size > self.max_bytes:
-            return table
+            columns=list(columns), use_threads=False)
+        grp = IndexedGroup.build(table, entity)
+        if grp.nbytes > self.max_bytes:
+            return grp
         with self._lock:
             if k not in self._items:
-                self._items[k] = table
-                self.bytes += size
+                self._items[k] = grp
+                self.bytes += grp.nbytes
             while self.bytes > self.max_bytes and self._items:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
-        return table
+        return grp
 
 
-def _cached_rows(
-    fs: Any, files: Sequence[FactFile], schema: pa.Schema, cols: list[str], entity: str,
-    entities: pa.Array, wanted: np.ndarray, cache: FooterCache, row_groups: RowGroupCache,
-    root: str,
-) -> pa.Table | None:
-    """The rows of ``entities`` through the row-group cache; None if some file has no entity
-    statistics (the caller reads those the usual way). Compacted files are sorted by entity, so
-    only the slice between the smallest and largest wanted key is kept from each group."""
-    read_cols = tuple(cols if entity in cols else [*cols, entity])
-    sortable = pa.types.is_integer(schema.field(entity).type)
-    pieces = []
+@dataclass(frozen=True)
+class _FilesIndex:
+    """Entity statistics of every row group of a list of files, in one pair of arrays."""
+
+    footers: tuple[_Footer, ...]
+    file_of: np.ndarray  # per row group, its file's position in the list
+    group_of: np.ndarray  # per row group, its number in its file
+    mins: np.ndarray
+    maxs: np.ndarray
+
+
+def _files_index(fs: Any, files: Sequence[FactFile], entity: str, cache: FooterCache,
+                 root: str) -> _FilesIndex | None:
+    """The row-group statistics of ``files`` (None if some file has none), memoized per list
+    of files."""
+    memo_key = (tuple(f.key for f in files), entity)
+    hit = cache.indexes.get(memo_key)
+    if hit is not None:
+        return hit
+    footers = []
     for f in files:
         footer = cache.get(fs, f"{root}/{f.key}", f.key, entity)
         if footer.mins is None or footer.maxs is None:
             return None
-        lo = np.searchsorted(wanted, footer.mins, "left")
-        hi = np.searchsorted(wanted, footer.maxs, "right")
-        for g in np.flatnonzero(hi > lo).tolist():
-            t = row_groups.get(fs, footer, f.key, g, schema, read_cols)
-            if sortable and f.kind == "compacted" and t.num_rows:
-                ent = t.column(entity).chunk(0).to_numpy(zero_copy_only=False)
-                a = int(np.searchsorted(ent, wanted[0], "left"))
-                b = int(np.searchsorted(ent, wanted[-1], "right"))
-                t = t.slice(a, b - a)
-            if t.num_rows:
-                pieces.append(t)
+        footers.append(footer)
+    counts = [len(ft.mins) for ft in footers if ft.mins is not None]
+    file_of = np.repeat(np.arange(len(footers)), counts)
+    group_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, int)
+    mins = np.concatenate([ft.mins for ft in footers if ft.mins is not None]) if counts else (
+        np.zeros(0))
+    maxs = np.concatenate([ft.maxs for ft in footers if ft.maxs is not None]) if counts else (
+        np.zeros(0))
+    idx = _FilesIndex(tuple(footers), file_of, group_of, mins, maxs)
+    with cache.lock:
+        cache.indexes[memo_key] = idx
+        while len(cache.indexes) > _MAX_FILE_INDEXES:
+            cache.indexes.popitem(last=False)
+    return idx
+
+
+def _cached_rows(
+    fs: Any, files: Sequence[FactFile], schema: pa.Schema, cols: list[str], entity: str,
+    wanted: np.ndarray, cache: FooterCache, row_groups: RowGroupCache, root: str,
+) -> pa.Table | None:
+    """The rows of the ``wanted`` keys (sorted, distinct) through the row-group cache, in file
+    order; None if some file has no entity statistics (the caller reads those the usual way).
+    Only the row groups whose [min, max] holds a wanted key are touched, found in one
+    vectorized search over every row group of the files."""
+    idx = _files_index(fs, files, entity, cache, root)
+    if idx is None:
+        return None
+    read_cols = tuple(cols if entity in cols else [*cols, entity])
+    lo = np.searchsorted(wanted, idx.mins, "left")
+    hi = np.searchsorted(wanted, idx.maxs, "right")
+    pieces = []
+    for j in np.flatnonzero(hi > lo).tolist():
+        i, g = int(idx.file_of[j]), int(idx.group_of[j])
+        grp = row_groups.get(fs, idx.footers[i], files[i].key, g, schema, read_cols, entity)
+        t = grp.take(wanted[lo[j]:hi[j]])
+        if t.num_rows:
+            pieces.append(t)
     if not pieces:
         return schema.empty_table().select(list(cols))
     table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-    if len(wanted) > 1 or not sortable:
-        table = table.filter(pc.is_in(table.column(entity), value_set=entities))
-    else:
-        table = table.filter(pc.equal(table.column(entity), pa.scalar(wanted[0], table.column(
-            entity).type)))
     return table.select(list(cols))
 
 
@@ -192,7 +287,7 @@ def read_files(
         wanted = np.sort(entities.to_numpy(zero_copy_only=False))
         cache = cache or FooterCache()
         if row_groups is not None and filter is None and len(wanted):
-            cached = _cached_rows(fs, files, schema, cols, entity, entities, wanted, cache,
+            cached = _cached_rows(fs, files, schema, cols, entity, np.unique(wanted), cache,
                                   row_groups, root)
             if cached is not None:
                 return cached

@@ -20,10 +20,11 @@ record, so a second listing sees them).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,8 +54,9 @@ _COMPACTED_NAME = re.compile(r"^c-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
                              r"-(\d{4})\.parquet$")
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_prefix(fact_type: str, date: str) -> str:
-    """``facts/<fact_type>/date=YYYY-MM-DD``."""
+    """``facts/<fact_type>/date=YYYY-MM-DD`` (checked by ``key`` once per pair)."""
     return key(FACTS_PREFIX, fact_type, f"date={date}")
 
 
@@ -227,12 +229,41 @@ def _build(
     return part
 
 
+class PartitionCache:
+    """Partitions built from a listing that had a change token (a local store), reused for as
+    long as a new listing of the same partition shows the same token. Thread-safe.
+
+    The cached :class:`Partition` objects are shared: callers must not modify them.
+    """
+
+    def __init__(self, *, max_partitions: int = 100_000) -> None:
+        self.max_partitions = max_partitions
+        self._items: dict[str, tuple[Hashable, Partition]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, prefix: str, token: Hashable) -> Partition | None:
+        with self._lock:
+            hit = self._items.get(prefix)
+        return hit[1] if hit is not None and hit[0] == token else None
+
+    def put(self, prefix: str, token: Hashable, part: Partition) -> None:
+        with self._lock:
+            if len(self._items) >= self.max_partitions and prefix not in self._items:
+                self._items.clear()  # rare: far more partitions than one reader touches
+            self._items[prefix] = (token, part)
+
+
 def list_partitions(
     store: Store, fact_type: str, *, first_day: int | None = None, last_day: int | None = None,
-    cache: RecordCache | None = None,
+    cache: RecordCache | None = None, partitions: PartitionCache | None = None,
 ) -> list[Partition]:
     """The partitions of ``fact_type`` whose date (days since the epoch) is in
     ``[first_day, last_day]`` (either bound may be None), sorted by date.
+
+    With ``partitions`` and a local store, each partition is listed on its own, with a change
+    token, and a partition whose listing did not change since it was last built is reused (a
+    repeated query costs a few ``stat`` calls per partition); otherwise the range is listed
+    afresh.
 
     Raises:
         PartitionInconsistent: a record's outputs stayed missing over several listings.
@@ -241,6 +272,8 @@ def list_partitions(
     base = key(FACTS_PREFIX, fact_type)
     if first_day is not None and last_day is not None and first_day > last_day:
         return []
+    if partitions is not None and store.is_local:
+        return _list_tokened(store, fact_type, first_day, last_day, cache, partitions)
     if (first_day is not None and last_day is not None
             and last_day - first_day < MAX_DAYS_LISTED_SEPARATELY):
         prefixes = [partition_prefix(fact_type, day_to_date(d)) + "/"
@@ -250,8 +283,41 @@ def list_partitions(
     out: dict[str, Partition] = {}
     for prefix in prefixes:
         for date, objs in _group_by_date(store.list(prefix), first_day, last_day).items():
-            out[date] = _settle(store, fact_type, date, objs, cache)
+            out[date] = _settle(store, fact_type, date, objs, cache)[0]
     return [out[d] for d in sorted(out)]
+
+
+def _list_tokened(
+    store: Store, fact_type: str, first_day: int | None, last_day: int | None,
+    cache: RecordCache, partitions: PartitionCache,
+) -> list[Partition]:
+    if (first_day is not None and last_day is not None
+            and last_day - first_day < MAX_DAYS_LISTED_SEPARATELY):
+        dates = [day_to_date(d) for d in range(first_day, last_day + 1)]
+    else:
+        names, _ = store.subdirs(key(FACTS_PREFIX, fact_type))
+        dates = []
+        for name in names:
+            m = _DATE_DIR.match(name)
+            if m is None:
+                continue
+            day = date_to_day(m.group(1))
+            if (first_day is None or day >= first_day) and (last_day is None or day <= last_day):
+                dates.append(m.group(1))
+    out = []
+    for date in dates:
+        prefix = partition_prefix(fact_type, date)
+        listing = store.listing(prefix)
+        if not listing.objects:
+            continue
+        part = None if listing.token is None else partitions.get(prefix, listing.token)
+        if part is None:
+            objs = [(o.key, o.size) for o in listing.objects]
+            part, relisted = _settle(store, fact_type, date, objs, cache)
+            if listing.token is not None and not relisted:
+                partitions.put(prefix, listing.token, part)
+        out.append(part)
+    return out
 
 
 def _group_by_date(
@@ -278,11 +344,12 @@ def _group_by_date(
 
 def _settle(
     store: Store, fact_type: str, date: str, objs: list[tuple[str, int]], cache: RecordCache
-) -> Partition:
-    for _attempt in range(_LIST_ATTEMPTS):
+) -> tuple[Partition, bool]:
+    """The partition of a listing, listing again while it looks torn; and whether it did."""
+    for attempt in range(_LIST_ATTEMPTS):
         part = _build(store, fact_type, date, objs, cache)
         if part is not None:
-            return part
+            return part, attempt > 0
         objs = [(o.key, o.size) for o in store.list(partition_prefix(fact_type, date) + "/")]
     raise PartitionInconsistent(
         f"fact type {fact_type!r}, date {date}: a compaction record names outputs that are "

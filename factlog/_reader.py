@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ttstore import US_PER_DAY, InvalidInput, Store, StoreUnavailable
+from ttstore import US_PER_DAY, InvalidInput, Store, StoreUnavailable, timestamps_us
 
 from ._dedup import (
     DuplicateGroups,
@@ -37,7 +37,7 @@ from ._dedup import (
 )
 from ._facttypes import FactType, FactTypeCatalog
 from ._parquetio import FooterCache, RowGroupCache, read_files
-from ._partitions import FactFile, Partition, RecordCache, list_partitions
+from ._partitions import FactFile, Partition, PartitionCache, RecordCache, list_partitions
 
 #: Columns a deduplicating scan always reads, whatever was asked for.
 KEY_COLUMNS = ("fact_id", "event_time", "logged_at", "ingested_at", "producer")
@@ -64,6 +64,7 @@ class FactReader:
         self.catalog = catalog or FactTypeCatalog(store)
         self.schema_refresh_s = schema_refresh_s
         self._records = RecordCache()
+        self._partitions = PartitionCache()
         self._footers = FooterCache()
         #: Set a :class:`~factlog._parquetio.RowGroupCache` to keep decoded row groups between
         #: scans (the query server does); None reads them every time.
@@ -93,7 +94,7 @@ class FactReader:
             self.store, fact_type,
             first_day=None if start_us is None else start_us // US_PER_DAY,
             last_day=None if end_us is None else end_us // US_PER_DAY,
-            cache=self._records,
+            cache=self._records, partitions=self._partitions,
         )
 
     def live_files(
@@ -221,7 +222,10 @@ class FactReader:
         rows = None if mask is None else np.flatnonzero(mask)
         order = sorted_rows(table, ft.entity_name, rows=rows, tiebreak=not dedup,
                             runs_sorted=all(f.kind == "compacted" for f in read))
-        return table.select(out_cols).take(order), read
+        out = table.select(out_cols)
+        if len(order) == table.num_rows and _is_identity(order):
+            return out, read  # already in order (one entity of compacted files): no copy
+        return out.take(order), read
 
     def _read(
         self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],
@@ -314,8 +318,8 @@ def _entity_stable_order(
     idx = np.arange(table.num_rows) if rows is None else rows
     order = idx[np.argsort(ek[idx], kind="stable")]
     e = ek[order]
-    ev = table.column("event_time").cast(pa.int64()).to_numpy()[order]
-    lg = table.column("logged_at").cast(pa.int64()).to_numpy()[order]
+    ev = timestamps_us(table.column("event_time"))[order]
+    lg = timestamps_us(table.column("logged_at"))[order]
     same_e = e[1:] == e[:-1]
     bad = same_e & ((ev[1:] < ev[:-1]) | ((ev[1:] == ev[:-1]) & (lg[1:] < lg[:-1])))
     if bad.any():
@@ -330,6 +334,11 @@ def _entity_stable_order(
     return pa.array(order)
 
 
+def _is_identity(order: pa.Array) -> bool:
+    idx = order.to_numpy()
+    return bool(len(idx) == 0 or (idx[0] == 0 and np.all(np.diff(idx) == 1)))
+
+
 def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
     """``table`` sorted as :func:`sorted_rows` says."""
     return table.take(sorted_rows(table, entity, tiebreak=tiebreak))
@@ -342,13 +351,13 @@ def _bounds_mask(
         return None
     mask = np.ones(table.num_rows, dtype=bool)
     if start_us is not None or end_us is not None:
-        ev = table.column("event_time").cast(pa.int64()).to_numpy()
+        ev = timestamps_us(table.column("event_time"))
         if start_us is not None:
             mask &= ev >= start_us
         if end_us is not None:
             mask &= ev <= end_us
     if logged_before_us is not None:
-        mask &= table.column("logged_at").cast(pa.int64()).to_numpy() <= logged_before_us
+        mask &= timestamps_us(table.column("logged_at")) <= logged_before_us
     return mask
 
 

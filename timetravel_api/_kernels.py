@@ -47,11 +47,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ttstore import InvalidInput
+from ttstore import InvalidInput, timestamps_us
 
 from ._errors import EntityTypeMismatch
 from ._features import FACT_KINDS, FeatureSpec
 from ._kernel_fields import FieldData, Visible, reduce_visible, visible_rows
+from ._kernel_row import row_feature_columns
 from ._segments import last_visible
 
 Knowledge = Literal["as_known", "event"]
@@ -148,6 +149,16 @@ def fact_feature_columns(
     bad = [s.name for s in specs if s.kind not in FACT_KINDS]
     if bad:
         raise ValueError(f"not built-in fact features: {bad}")
+    if len(at_us) == 1 and facts.num_rows:
+        at = _as_int64(at_us)
+        query_ent = _query_entities(entities, facts.schema.field(entity_col), entity_col)
+        if len(query_ent) == 1 and abs(int(at[0])) < UNBOUNDED_US:
+            cols = row_feature_columns(
+                facts, specs, query_ent[0].as_py(), int(at[0]), as_known=knowledge == "as_known",
+                lookback_us=lookback_us, entity_col=entity_col,
+                ev=_as_int64(facts.column("event_time")),
+                logged=_as_int64(facts.column("logged_at")), provenance=provenance)
+            return {name: FeatureColumn(*c) for name, c in cols.items()}
     kernel = _Kernel(facts, entities, at_us, as_known=knowledge == "as_known",
                      lookback_us=lookback_us, entity_col=entity_col)
     return {s.name: kernel.column(s, provenance=provenance) for s in specs}
@@ -186,13 +197,10 @@ class _Kernel:
         ent = facts.column(entity_col).combine_chunks()
         starts = _block_starts(ent)
         nb = len(starts)
-        keys = ent.take(pa.array(starts))
-        if len(pc.unique(keys)) != nb:
-            raise ValueError(f"facts are not sorted by {entity_col}")
+        qb = _block_of_queries(ent, starts, query_ent, entity_col)
         block_of_fact = np.repeat(np.arange(nb, dtype=np.int64), np.diff(np.append(starts, n)))
         self.block_lo = starts
         self.loc = _Locator(block_of_fact, self.ev, nb)
-        qb = pc.fill_null(pc.index_in(query_ent, value_set=keys), -1).to_numpy()
         known = np.flatnonzero(qb >= 0)
         qkeys = self.loc.key(qb[known].astype(np.int64), at[known])
         order = np.argsort(qkeys, kind="stable")
@@ -383,6 +391,30 @@ def _block_starts(ent: pa.Array) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
 
 
+def _block_of_queries(
+    ent: pa.Array, starts: np.ndarray, query_ent: pa.Array, entity_col: str
+) -> np.ndarray:
+    """Per query row, the block of its entity's facts, or -1 (exact for int64 keys above
+    2^53 and for strings). Blocks in key order (what the reader returns) take a binary
+    search; any other order a hash lookup.
+
+    Raises:
+        ValueError: the facts are not sorted by entity (a key has two blocks).
+    """
+    if pa.types.is_integer(ent.type):
+        keys = ent.to_numpy()[starts]
+        if len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):  # blocks in key order
+            q = np.asarray(query_ent.to_numpy(zero_copy_only=False), dtype=np.int64)
+            pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            out: np.ndarray = np.where(keys[pos] == q, pos, -1).astype(np.int64)
+            return out
+    skeys = ent.take(pa.array(starts))
+    if len(pc.unique(skeys)) != len(starts):
+        raise ValueError(f"facts are not sorted by {entity_col}")
+    return np.asarray(pc.fill_null(pc.index_in(query_ent, value_set=skeys), -1).to_numpy(),
+                      dtype=np.int64)
+
+
 def _as_int64(values: object) -> np.ndarray:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
@@ -391,8 +423,8 @@ def _as_int64(values: object) -> np.ndarray:
     arr: pa.Array = values
     if arr.null_count:
         raise InvalidInput("times must not be null", field="at")
-    if pa.types.is_timestamp(arr.type):
-        arr = arr.cast(pa.timestamp("us", tz=arr.type.tz)).cast(pa.int64())
+    if pa.types.is_timestamp(arr.type) or arr.type == pa.int64():
+        return timestamps_us(arr)
     return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 

@@ -92,6 +92,18 @@ class PartitionPlan:
                           pa.field(AT, pa.int64())])
 
 
+_STATUS_VALUES = pa.array(["ok", "missing"], pa.string())
+
+
+def status_array(status: np.ndarray) -> pa.Array:
+    """The kernels' ``ok``/``missing`` status strings as an Arrow string array (by dictionary
+    codes: no per-row string conversion)."""
+    if len(status) <= 16:  # an online lookup: cheaper than a compute kernel call
+        return pa.array(status.tolist(), pa.string())
+    codes = (status != "ok").astype(np.int8)
+    return _STATUS_VALUES.take(pa.array(codes))
+
+
 def wire_type(t: pa.DataType) -> pa.DataType:
     return pa.int64() if pa.types.is_timestamp(t) else t
 
@@ -130,8 +142,9 @@ def compute_partition(
             values = col.values
             if values.type != s.output_type:
                 values = values.cast(s.output_type)
-            cols[f"v{i}"] = values.cast(wire_type(s.output_type))
-            cols[f"s{i}"] = pa.array(col.status, pa.string())
+            wire = wire_type(s.output_type)
+            cols[f"v{i}"] = values if values.type == wire else values.cast(wire)
+            cols[f"s{i}"] = status_array(col.status)
             if plan.provenance:
                 idx = out[aux[i].name].fact_index if i in aux else col.fact_index
                 assert idx is not None

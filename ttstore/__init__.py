@@ -36,6 +36,7 @@ from ._errors import (
     StoreUnavailable,
     TimetravelError,
 )
+from ._listing import Listing, ObjectInfo
 from ._schema import (
     AGGREGATIONS,
     ENTITY_TYPES,
@@ -49,7 +50,7 @@ from ._schema import (
     entity_arrow_type,
     system_fields,
 )
-from ._store import ObjectInfo, Store, key, parquet_bytes
+from ._store import Store, key, parquet_bytes
 from ._time import (
     RFC3339_PATTERN,
     TIMESTAMP_TYPE,
@@ -66,6 +67,7 @@ from ._time import (
     format_timestamps,
     parse_duration,
     parse_timestamp,
+    timestamps_us,
     to_datetime,
     utc_date,
 )
@@ -183,6 +185,7 @@ __all__ = [
     "InvalidInput",
     "InvalidKey",
     "InvalidTimestamp",
+    "Listing",
     "ManualClock",
     "ObjectExists",
     "ObjectInfo",
@@ -205,6 +208,7 @@ __all__ = [
     "parquet_bytes",
     "parse_duration",
     "parse_timestamp",
+    "timestamps_us",
     "system_fields",
     "to_datetime",
     "utc_date",

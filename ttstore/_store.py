@@ -13,8 +13,7 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -25,7 +24,9 @@ import pyarrow.parquet as pq
 
 from ._config import DEFAULT_STORE, ENV_AWS_ENDPOINT_URL, ENV_MULTIPART_THRESHOLD
 from ._errors import InvalidKey, ObjectExists, ObjectNotFound, StoreError, StoreUnavailable
+from ._listing import DirectoryCache, Listing, ObjectInfo
 
+_Names = list[str]  # (``list`` is a method name in the classes below)
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=\-]{0,254}$")
 DEFAULT_MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 _PART_BYTES = 16 * 1024 * 1024
@@ -47,12 +48,6 @@ def key(*components: str) -> str:
     return "/".join(components)
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-
-
 class Backend(Protocol):
     """What a storage backend must do. Keys are relative to the store root."""
 
@@ -61,6 +56,8 @@ class Backend(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def listing(self, prefix: str) -> Listing: ...
+    def subdirs(self, prefix: str) -> tuple[_Names, Hashable | None]: ...
     def delete(self, key: str) -> None: ...
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]: ...
 
@@ -71,6 +68,7 @@ class LocalBackend:
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        self._dirs = DirectoryCache()
 
     def _path(self, k: str) -> Path:
         return self.root / k
@@ -149,6 +147,12 @@ class LocalBackend:
                     out.append(ObjectInfo(e.path[skip:].replace(os.sep, "/"), size))
         out.sort(key=lambda o: o.key)
         return out
+
+    def listing(self, prefix: str) -> Listing:
+        return self._dirs.listing(str(self.root), prefix.rstrip("/"))
+
+    def subdirs(self, prefix: str) -> tuple[_Names, Hashable | None]:
+        return self._dirs.children(str(self.root), prefix.rstrip("/"))
 
     def delete(self, k: str) -> None:
         self._path(k).unlink(missing_ok=True)
@@ -277,6 +281,25 @@ class S3Backend:
         out.sort(key=lambda o: o.key)
         return out
 
+    def listing(self, prefix: str) -> Listing:
+        return Listing(tuple(self.list(prefix)), None)  # S3 has no cheap change stamp
+
+    def subdirs(self, prefix: str) -> tuple[_Names, Hashable | None]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (
+            f"{self.prefix}/" if self.prefix else "")
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": full, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            r = self._call("list_objects_v2", **kwargs)
+            names += [p["Prefix"][len(full):].rstrip("/") for p in r.get("CommonPrefixes", [])]
+            if not r.get("IsTruncated"):
+                break
+            token = r.get("NextContinuationToken")
+        return sorted(names), None
+
     def delete(self, k: str) -> None:
         self._call("delete_object", Key=self._key(k))
 
@@ -387,6 +410,18 @@ class Store:
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under ``prefix`` (recursively), sorted by key. Missing prefix: ``[]``."""
         return self.backend.list(prefix)
+
+    def listing(self, prefix: str = "") -> Listing:
+        """As :meth:`list`, with a change token (see :class:`~ttstore._listing.Listing`): a
+        local store re-reads only the directories whose stat changed, so a repeated listing of
+        an unchanged prefix costs a few ``stat`` calls, and never misses an object created
+        before the call."""
+        return self.backend.listing(prefix)
+
+    def subdirs(self, prefix: str = "") -> tuple[_Names, Hashable | None]:
+        """The names of the "directories" directly under ``prefix`` (sorted), and a change
+        token for that level (None on S3)."""
+        return self.backend.subdirs(prefix)
 
     def delete(self, k: str) -> None:
         self.backend.delete(k)

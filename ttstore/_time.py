@@ -174,3 +174,21 @@ def day_to_date(day: int) -> str:
 @functools.lru_cache(maxsize=65536)
 def date_to_day(date: str) -> int:
     return (datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC) - _EPOCH).days
+
+
+def timestamps_us(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """int64 µs since the epoch of a timestamp (or int64) column without nulls; a view of the
+    Arrow buffer when it is one chunk of ``timestamp[us]`` (no compute kernel, no copy), which
+    is what the engine's hot paths read.
+
+    Raises:
+        ValueError: the column has nulls.
+    """
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if arr.null_count:
+        raise ValueError("timestamps must not be null")
+    t = arr.type
+    if pa.types.is_timestamp(t) and t.unit != "us":
+        arr = arr.cast(pa.timestamp("us", tz=t.tz))
+    out: np.ndarray = arr.to_numpy(zero_copy_only=False)
+    return out.view(np.int64) if out.dtype != np.int64 else out
