@@ -65,22 +65,23 @@ class FooterCache:
 @dataclass(frozen=True)
 class IndexedGroup:
     """One decoded row group with its rows sorted by entity (file order within a key), and
-    where each key's rows start: ``rows_of`` and ``take`` are binary searches, not scans.
+    where each key's rows start: ``take`` is a binary search and a zero-copy slice.
 
     Attributes:
-        table: the rows, sorted by entity.
+        batch: the rows, sorted by entity (a record batch: slicing one is cheaper than a table).
         keys: the distinct entity keys, sorted (int64, or an object array of str).
         starts: ``starts[i]:starts[i + 1]`` are the rows of ``keys[i]``.
         nbytes: what it holds in memory, for the cache budget.
     """
 
-    table: pa.Table
+    batch: pa.RecordBatch
     keys: np.ndarray
     starts: np.ndarray
     nbytes: int
 
     @classmethod
     def build(cls, table: pa.Table, entity: str) -> IndexedGroup:
+        table = table.combine_chunks()
         col = table.column(entity).combine_chunks()
         ent = np.asarray(col.to_numpy(zero_copy_only=False))
         n = len(ent)
@@ -88,38 +89,39 @@ class IndexedGroup:
             # raw files are in logging order; a stable sort keeps file order within a key
             order = (np.argsort(ent, kind="stable") if ent.dtype != object
                      else np.asarray(pc.sort_indices(col).to_numpy()))
-            table, ent = table.take(pa.array(order)), ent[order]
+            table, ent = table.take(pa.array(order)).combine_chunks(), ent[order]
         change = np.flatnonzero(ent[1:] != ent[:-1]) + 1 if n > 1 else np.zeros(0, np.int64)
         starts = np.concatenate([[0], change, [n]]).astype(np.int64) if n else np.zeros(1, np.int64)
         keys = ent[starts[:-1]]
         extra = keys.nbytes + starts.nbytes
         if keys.dtype == object:  # the str objects themselves
             extra += sum(len(k) for k in keys.tolist()) + 56 * len(keys)
-        return cls(table.combine_chunks(), keys, starts, table.nbytes + extra)
+        batches = table.to_batches()
+        batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
+        return cls(batch, keys, starts, table.nbytes + extra)
 
-    def rows_of(self, key_: Any) -> tuple[int, int]:
-        """The rows of one key (an empty range when it has none)."""
-        i = int(self.keys.searchsorted(key_))
-        if i < len(self.keys) and self.keys[i] == key_:
-            return int(self.starts[i]), int(self.starts[i + 1])
-        return 0, 0
-
-    def take(self, wanted: np.ndarray) -> pa.Table:
-        """The rows of the ``wanted`` keys (sorted), in key order."""
+    def take(self, wanted: np.ndarray) -> pa.RecordBatch | None:
+        """The rows of the ``wanted`` keys (sorted), in key order; None when it has none."""
+        keys = self.keys
         if len(wanted) == 1:
-            a, b = self.rows_of(wanted[0])
-            return self.table.slice(a, b - a)
-        i = np.searchsorted(self.keys, wanted)
-        hit = i < len(self.keys)
-        hit[hit] = self.keys[i[hit]] == wanted[hit]
-        i = i[hit]
-        lo, hi = self.starts[i], self.starts[i + 1]
-        if len(i) == 1:
-            return self.table.slice(int(lo[0]), int(hi[0] - lo[0]))
+            i = int(keys.searchsorted(wanted[0]))
+            if i < len(keys) and keys[i] == wanted[0]:
+                a = int(self.starts[i])
+                return self.batch.slice(a, int(self.starts[i + 1]) - a)
+            return None
+        pos = np.searchsorted(keys, wanted)
+        hit = pos < len(keys)
+        hit[hit] = keys[pos[hit]] == wanted[hit]
+        pos = pos[hit]
+        if not len(pos):
+            return None
+        lo, hi = self.starts[pos], self.starts[pos + 1]
+        if len(pos) == 1 or int(hi[-1] - lo[0]) == int((hi - lo).sum()):  # one run of rows
+            return self.batch.slice(int(lo[0]), int(hi[-1] - lo[0]))
         lens = hi - lo
         rows = np.repeat(lo - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
             int(lens.sum()))
-        return self.table.take(pa.array(rows))
+        return self.batch.take(pa.array(rows))
 
 
 class RowGroupCache:
@@ -223,13 +225,13 @@ def _cached_rows(
     for j in np.flatnonzero(hi > lo).tolist():
         i, g = int(idx.file_of[j]), int(idx.group_of[j])
         grp = row_groups.get(fs, idx.footers[i], files[i].key, g, schema, read_cols, entity)
-        t = grp.take(wanted[lo[j]:hi[j]])
-        if t.num_rows:
-            pieces.append(t)
+        b = grp.take(wanted[lo[j]:hi[j]])
+        if b is not None and b.num_rows:
+            pieces.append(b)
     if not pieces:
         return schema.empty_table().select(list(cols))
-    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-    return table.select(list(cols))
+    batch = pa.concat_batches(pieces) if len(pieces) > 1 else pieces[0]
+    return pa.Table.from_batches([batch]).select(list(cols))
 
 
 def _load(fs: Any, path: str, entity: str) -> _Footer:

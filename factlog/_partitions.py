@@ -239,15 +239,19 @@ class PartitionCache:
     def __init__(self, *, max_partitions: int = 100_000) -> None:
         self.max_partitions = max_partitions
         self._items: dict[str, tuple[Hashable, Partition]] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        #: (fact type, first day, last day) -> (the tokens of every listing behind it, the
+        #: partitions): a repeated range costs one ``stat`` per directory when nothing changed
+        self.ranges: dict[tuple[str, int | None, int | None],
+                          tuple[tuple[Hashable, ...], list[Partition]]] = {}
 
     def get(self, prefix: str, token: Hashable) -> Partition | None:
-        with self._lock:
+        with self.lock:
             hit = self._items.get(prefix)
         return hit[1] if hit is not None and hit[0] == token else None
 
     def put(self, prefix: str, token: Hashable, part: Partition) -> None:
-        with self._lock:
+        with self.lock:
             if len(self._items) >= self.max_partitions and prefix not in self._items:
                 self._items.clear()  # rare: far more partitions than one reader touches
             self._items[prefix] = (token, part)
@@ -291,11 +295,17 @@ def _list_tokened(
     store: Store, fact_type: str, first_day: int | None, last_day: int | None,
     cache: RecordCache, partitions: PartitionCache,
 ) -> list[Partition]:
+    range_key = (fact_type, first_day, last_day)
+    memo = partitions.ranges.get(range_key)
+    if memo is not None and store.unchanged(memo[0]):
+        return memo[1]
+    tokens: list[Hashable | None] = []
     if (first_day is not None and last_day is not None
             and last_day - first_day < MAX_DAYS_LISTED_SEPARATELY):
         dates = [day_to_date(d) for d in range(first_day, last_day + 1)]
     else:
-        names, _ = store.subdirs(key(FACTS_PREFIX, fact_type))
+        names, token = store.subdirs(key(FACTS_PREFIX, fact_type))
+        tokens.append(token)
         dates = []
         for name in names:
             m = _DATE_DIR.match(name)
@@ -308,6 +318,7 @@ def _list_tokened(
     for date in dates:
         prefix = partition_prefix(fact_type, date)
         listing = store.listing(prefix)
+        tokens.append(listing.token)
         if not listing.objects:
             continue
         part = None if listing.token is None else partitions.get(prefix, listing.token)
@@ -316,7 +327,14 @@ def _list_tokened(
             part, relisted = _settle(store, fact_type, date, objs, cache)
             if listing.token is not None and not relisted:
                 partitions.put(prefix, listing.token, part)
+            else:
+                tokens.append(None)
         out.append(part)
+    if all(t is not None for t in tokens):
+        with partitions.lock:
+            if len(partitions.ranges) >= 4096:
+                partitions.ranges.clear()
+            partitions.ranges[range_key] = (tuple(t for t in tokens if t is not None), out)
     return out
 
 

@@ -70,6 +70,7 @@ class FactReader:
         #: scans (the query server does); None reads them every time.
         self.row_groups: RowGroupCache | None = None
         self._schema_at: dict[str, float] = {}
+        self._schemas: dict[str, tuple[FactType, pa.Schema]] = {}
 
     # -- listing ---------------------------------------------------------------------------------
     def fact_type(self, name: str) -> FactType:
@@ -84,6 +85,13 @@ class FactReader:
         if stale:
             self._schema_at[name] = now
         return ft
+
+    def _stored_schema(self, ft: FactType) -> pa.Schema:
+        """``ft``'s stored schema without metadata (built once per declaration read)."""
+        hit = self._schemas.get(ft.name)
+        if hit is None or hit[0] is not ft:
+            hit = self._schemas[ft.name] = (ft, ft.arrow_schema().remove_metadata())
+        return hit[1]
 
     def partitions(
         self, fact_type: str, *, start_us: int | None = None, end_us: int | None = None
@@ -185,7 +193,7 @@ class FactReader:
         the files it actually read.
         """
         ft = self.fact_type(fact_type)
-        schema = ft.arrow_schema().remove_metadata()
+        schema = self._stored_schema(ft)
         out_cols = _output_columns(schema, columns)
         ent = None if entities is None else _entity_array(entities, schema.field(ft.entity_name))
         _check_range(start_us, end_us)

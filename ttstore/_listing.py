@@ -113,7 +113,7 @@ class DirectoryCache:
         base = (os.path.join(root, prefix) if prefix else root).rstrip(os.sep) or os.sep
         with self._lock:
             last = self._listings.get(base)
-        if last is not None and all(_stamp(d) == st for d, st in last[1]):
+        if last is not None and unchanged(last[1]):
             return last[0]  # every directory of the tree is as it was when it was trusted
         out, stamps = self._walk(root, prefix, base)
         if out.token is not None:
@@ -151,11 +151,18 @@ class DirectoryCache:
     def children(self, root: str, prefix: str) -> tuple[list[str], Hashable | None]:
         """The names of the directories directly under ``root/prefix``, and a change token
         for that one directory (None when racy or missing)."""
-        base = os.path.join(root, prefix) if prefix else root
-        entry = self._entry(base.rstrip(os.sep) or os.sep)
+        base = (os.path.join(root, prefix) if prefix else root).rstrip(os.sep) or os.sep
+        entry = self._entry(base)
         if entry is None:
             return [], None
-        return list(entry.dirs), (base, entry.stamp) if entry.trusted else None
+        return list(entry.dirs), ((base, entry.stamp),) if entry.trusted else None
+
+
+def unchanged(token: Hashable) -> bool:
+    """Whether every directory behind a local listing's (or several listings' concatenated)
+    token still has the stamp it had: then those listings would show the same objects now."""
+    pairs: _Stamps = token  # type: ignore[assignment]
+    return all(_stamp(d) == st for d, st in pairs)
 
 
 def _stamp(path: str) -> _Stamp | None:

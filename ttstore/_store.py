@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ._config import DEFAULT_STORE, ENV_AWS_ENDPOINT_URL, ENV_MULTIPART_THRESHOLD
 from ._errors import InvalidKey, ObjectExists, ObjectNotFound, StoreError, StoreUnavailable
-from ._listing import DirectoryCache, Listing, ObjectInfo
+from ._listing import DirectoryCache, Listing, ObjectInfo, unchanged
 
 _Names = list[str]  # (``list`` is a method name in the classes below)
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=\-]{0,254}$")
@@ -422,6 +422,12 @@ class Store:
         """The names of the "directories" directly under ``prefix`` (sorted), and a change
         token for that level (None on S3)."""
         return self.backend.subdirs(prefix)
+
+    def unchanged(self, tokens: Sequence[Hashable]) -> bool:
+        """Whether listings with these tokens (from :meth:`listing` and :meth:`subdirs`, all
+        non-None) would show the same objects now. A few ``stat`` calls on a local store;
+        always False on S3, which has no such stamp."""
+        return self.is_local and all(unchanged(t) for t in tokens)
 
     def delete(self, k: str) -> None:
         self.backend.delete(k)
