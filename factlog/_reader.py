@@ -231,8 +231,9 @@ class FactReader:
         order = sorted_rows(table, ft.entity_name, rows=rows, tiebreak=not dedup,
                             runs_sorted=all(f.kind == "compacted" for f in read))
         out = table.select(out_cols)
-        if len(order) == table.num_rows and _is_identity(order):
-            return out, read  # already in order (one entity of compacted files): no copy
+        run = _as_run(order)
+        if run is not None:  # already in order (one entity of compacted files): no copy
+            return out.slice(run[0], run[1] - run[0]), read
         return out.take(order), read
 
     def _read(
@@ -324,7 +325,10 @@ def _entity_stable_order(
     else:
         ek = pc.rank(col.combine_chunks(), sort_keys="ascending", tiebreaker="dense").to_numpy()
     idx = np.arange(table.num_rows) if rows is None else rows
-    order = idx[np.argsort(ek[idx], kind="stable")]
+    if len(idx) and ek[idx[0]] == ek[idx[-1]] and bool(np.all(ek[idx] == ek[idx[0]])):
+        order = idx  # one entity (an online lookup): nothing to sort by entity
+    else:
+        order = idx[np.argsort(ek[idx], kind="stable")]
     e = ek[order]
     ev = timestamps_us(table.column("event_time"))[order]
     lg = timestamps_us(table.column("logged_at"))[order]
@@ -342,9 +346,14 @@ def _entity_stable_order(
     return pa.array(order)
 
 
-def _is_identity(order: pa.Array) -> bool:
+def _as_run(order: pa.Array) -> tuple[int, int] | None:
+    """``(a, b)`` when ``order`` is ``a, a + 1, ..., b - 1`` (then a slice does its take)."""
     idx = order.to_numpy()
-    return bool(len(idx) == 0 or (idx[0] == 0 and np.all(np.diff(idx) == 1)))
+    if not len(idx):
+        return 0, 0
+    a, b = int(idx[0]), int(idx[-1]) + 1
+    return (a, b) if b - a == len(idx) and (len(idx) < 3 or bool(np.all(np.diff(idx) == 1))) \
+        else None
 
 
 def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
@@ -420,7 +429,7 @@ def _entity_array(values: Any, field: pa.Field) -> pa.Array:
         ) from exc
     if arr.null_count:
         raise InvalidInput("entity keys must not be null", field="entities")
-    return pc.unique(arr)
+    return arr if len(arr) == 1 else pc.unique(arr)
 
 
 def _python_keys(values: list[Any], typ: pa.DataType) -> pa.Array:

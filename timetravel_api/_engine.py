@@ -223,7 +223,7 @@ class Engine:
                             AT: pa.array(at_us, pa.int64())}, schema=plan.query_schema())
         recent = None
         if (engine == "local" and 0 < len(ent) <= RECENT_MAX_ROWS and plan.groups
-                and len(pc.unique(ent)) == 1):
+                and (len(ent) == 1 or len(pc.unique(ent)) == 1)):
             recent = recent_plan(plan, int(at_us.min()))
         if recent is not None:
             # one entity: its last values are most likely in its newest facts (see _recent)
@@ -301,7 +301,7 @@ class Engine:
         self, plan: PartitionPlan, ent: pa.Array, listed: Mapping[str, list[FactFile]],
         lineage: dict[str, Any],
     ) -> dict[str, pa.Table]:
-        uniq = pc.unique(ent)
+        uniq = ent if len(ent) == 1 else pc.unique(ent)
         out: dict[str, pa.Table] = {}
         for g in plan.groups:
             out[g.fact_type], files = self.facts.scan_with_files(
@@ -325,7 +325,8 @@ class Engine:
         for i, s in enumerate(specs):
             if s.kind in ("fact_field", "fact_count", "time_since_last"):
                 assert s.output_type is not None
-                values[s.name] = wire.column(f"v{i}").combine_chunks().cast(s.output_type)
+                col = wire.column(f"v{i}").combine_chunks()
+                values[s.name] = col if col.type == s.output_type else col.cast(s.output_type)
                 status[s.name] = wire.column(f"s{i}").combine_chunks()
         if plan.provenance and plan.groups:
             sources = fact_sources(self.facts, plan, wire, pc.unique(ent))

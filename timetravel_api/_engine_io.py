@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from ttstore import TIMESTAMP_TYPE, US_PER_DAY, InvalidInput, parse_timestamp
+from ttstore import TIMESTAMP_TYPE, US_PER_DAY, InvalidInput, parse_timestamp, timestamps_us
 
 from ._errors import EntityTypeMismatch
 from ._partition import PartitionPlan
@@ -58,6 +58,8 @@ def entity_array(entities: Any, entity_type: str | None) -> pa.Array:
             message=f"the features' entity keys are {want}, the query's entity_id are {kind}",
         )
     target = pa.int64() if want == "int64" else pa.string()
+    if arr.type == target:
+        return arr
     try:
         out: pa.Array = arr.cast(target)
     except (pa.ArrowInvalid, OverflowError) as exc:
@@ -81,6 +83,10 @@ def as_time_us(at: Any, n: int) -> np.ndarray:
         return np.full(n, _one_time(at), dtype=np.int64)
     if isinstance(at, pa.ChunkedArray):
         at = at.combine_chunks()
+    if isinstance(at, np.ndarray) and at.dtype == np.int64 and at.ndim == 1:
+        if len(at) != n:
+            raise InvalidInput(f"{n} entities but {len(at)} times", field="at")
+        return at
     if isinstance(at, np.ndarray):
         if np.issubdtype(at.dtype, np.datetime64):
             raise InvalidInput("at: naive timestamps (no time zone) are not allowed",
@@ -104,12 +110,13 @@ def as_time_us(at: Any, n: int) -> np.ndarray:
         if arr.type.tz is None:
             raise InvalidInput("at: naive timestamps (no time zone) are not allowed; "
                                "give timestamps with a time zone", field="at")
-        try:
-            arr = arr.cast(TIMESTAMP_TYPE, safe=True)
-        except pa.ArrowInvalid as exc:
-            raise InvalidInput(f"at: more precision than microseconds ({exc})",
-                               field="at") from exc
-        arr = arr.cast(pa.int64())
+        if arr.type.unit != "us":
+            try:
+                arr = arr.cast(TIMESTAMP_TYPE, safe=True)
+            except pa.ArrowInvalid as exc:
+                raise InvalidInput(f"at: more precision than microseconds ({exc})",
+                                   field="at") from exc
+        return timestamps_us(arr)
     elif pa.types.is_integer(arr.type) or pa.types.is_null(arr.type):
         arr = arr.cast(pa.int64())
     else:

@@ -20,6 +20,7 @@ int64 µs so every engine can carry it), ``s<i>`` (status string) and, with prov
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ class PartitionPlan:
     knowledge: Knowledge
     provenance: bool
     entity_type: pa.DataType
+
+    @functools.cached_property
+    def _wire_schema(self) -> pa.Schema:
+        return self.wire_schema()
 
     def wire_schema(self) -> pa.Schema:
         """The schema :func:`compute_partition` returns."""
@@ -153,7 +158,7 @@ def compute_partition(
                 cols[f"p{i}_id"] = table.column("fact_id").combine_chunks().take(take)
                 cols[f"p{i}_ev"] = (table.column("event_time").combine_chunks()
                                     .cast(pa.int64()).take(take))
-    return pa.table(cols, schema=plan.wire_schema())
+    return pa.table(cols, schema=plan._wire_schema)
 
 
 def _provenance_spec(spec: FeatureSpec, i: int) -> FeatureSpec | None:

@@ -184,7 +184,10 @@ def timestamps_us(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     Raises:
         ValueError: the column has nulls.
     """
-    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if isinstance(values, pa.ChunkedArray):
+        arr = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+    else:
+        arr = values
     if arr.null_count:
         raise ValueError("timestamps must not be null")
     t = arr.type
