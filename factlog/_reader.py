@@ -230,11 +230,9 @@ class FactReader:
         rows = None if mask is None else np.flatnonzero(mask)
         order = sorted_rows(table, ft.entity_name, rows=rows, tiebreak=not dedup,
                             runs_sorted=all(f.kind == "compacted" for f in read))
-        out = table.select(out_cols)
-        run = _as_run(order)
-        if run is not None:  # already in order (one entity of compacted files): no copy
-            return out.slice(run[0], run[1] - run[0]), read
-        return out.take(order), read
+        # always a take, even of rows already in order: fresh arrays, so the answer's bytes
+        # (Arrow IPC included) never depend on which files or slices it came from
+        return table.select(out_cols).take(order), read
 
     def _read(
         self, files: Sequence[FactFile], schema: pa.Schema, columns: Sequence[str],
@@ -344,16 +342,6 @@ def _entity_stable_order(
         if pc.any(pc.less(nxt, prev)).as_py():
             return None
     return pa.array(order)
-
-
-def _as_run(order: pa.Array) -> tuple[int, int] | None:
-    """``(a, b)`` when ``order`` is ``a, a + 1, ..., b - 1`` (then a slice does its take)."""
-    idx = order.to_numpy()
-    if not len(idx):
-        return 0, 0
-    a, b = int(idx[0]), int(idx[-1]) + 1
-    return (a, b) if b - a == len(idx) and (len(idx) < 3 or bool(np.all(np.diff(idx) == 1))) \
-        else None
 
 
 def sort_facts(table: pa.Table, entity: str, *, tiebreak: bool = False) -> pa.Table:
