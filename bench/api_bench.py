@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -120,6 +121,12 @@ def run_loadgen(url: str, *, rate: float, n: int, entities: int, seed: int, out:
 # -- the benchmark -------------------------------------------------------------------------------
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_healthy(base: str, proc: subprocess.Popen[bytes]) -> None:
     for _ in range(600):
         if proc.poll() is not None:
@@ -156,8 +163,10 @@ def run(quick: bool) -> list[Result]:
         seq = run_loadgen(base, rate=0, n=500 if quick else 2000, entities=n_entities, seed=9,
                           out=tmp / "seq.json")
         say(f"measuring {measure_s}s at {RATE_PER_S}/s")
+        cpu0 = _cpu_s(proc.pid)
         res = run_loadgen(base, rate=RATE_PER_S, n=RATE_PER_S * measure_s,
                           entities=n_entities, seed=8, out=tmp / "measure.json")
+        server_cpu_s = _cpu_s(proc.pid) - cpu0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -180,7 +189,12 @@ def run(quick: bool) -> list[Result]:
     slat = np.asarray(seq["lat_ns"], dtype=np.int64)
     s50, s99 = (v / 1000 for v in percentiles_us(slat[slat >= 0], (50, 99)))
     say(f"closed loop p50 {s50:.2f} ms, p99 {s99:.2f} ms")
+    cpu_ms = server_cpu_s / max(1, len(lat)) * 1e3
+    say(f"server CPU {cpu_ms:.2f} ms per lookup at {RATE_PER_S}/s")
     return [
+        Result("api lookup server CPU per request", cpu_ms, "ms",
+               note=f"the server process's user+system time over the {RATE_PER_S}/s phase, "
+               "divided by its requests (HTTP, JSON and the engine)"),
         Result("api lookup p50, one at a time", s50, "ms",
                note=f"closed loop, {len(slat):,} GETs; p99 {s99:.2f} ms; capacity is about "
                f"{1000 / s50:.0f} req/s per core at this service time"),

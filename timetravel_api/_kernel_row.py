@@ -130,9 +130,10 @@ def _field_feature(
         strings = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
         return _none(s.output_type, False, like=column if strings else None)
     if agg in ("sum", "mean"):
-        total = _sum(_numpy(column)[pos])
-        if agg == "mean":
-            total = total / np.array([n], dtype=np.int64)
+        with np.errstate(all="ignore"):  # inf - inf is NaN, a value (as in the batch kernel)
+            total = _sum(_numpy(column)[pos])
+            if agg == "mean":
+                total = total / np.array([n], dtype=np.int64)
         return _value(total, pa.float64(), None, False)
     # min / max
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
