@@ -3,11 +3,12 @@ features at random past times, at a fixed request rate from a separate load-gene
 
 Data (``bench/_pitdata.py``, compacted): facts of ``t`` over 30 days (300k facts / 10k entities
 with ``--quick``, 3M / 100k otherwise). The real CLI server (``timetravel api serve --no-auth``,
-local store) runs in its own process; the load generator (plain asyncio + aiohttp, another
-process) sends requests open-loop on a fixed schedule (500/s), so a slow answer never slows the
-offered rate. A latency is measured from the request's *scheduled* start to the end of its
-answer, so queueing behind a slow request counts. The first seconds warm the server (footers,
-row groups, catalog) and are not measured.
+local store) runs in its own process; the load generator (another process, ``bench/_loadgen``:
+pre-encoded requests on keep-alive connections through a bare asyncio protocol, so it costs the
+shared 2 cores little, as wrk would) sends requests open-loop on a fixed schedule (500/s), so a
+slow answer never slows the offered rate. A latency is measured from the request's *scheduled*
+start to the end of its answer, so queueing behind a slow request counts. The first seconds warm
+the server (footers, row groups, catalog) and are not measured.
 
     .venv/bin/python -m bench.api_bench [--quick]
 """
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +33,7 @@ import numpy as np
 
 from ttstore import US_PER_DAY, Store, format_timestamp
 
+from ._loadgen import run_load
 from ._pitdata import FEATURES, T0, generate_facts
 from ._support import free_port, percentiles_us
 from ._types import Result, at_most
@@ -51,47 +54,18 @@ def say(msg: str) -> None:
 # -- the load generator (its own process) --------------------------------------------------------
 
 
-async def _load(url: str, rate: float, n: int, n_entities: int, seed: int) -> dict[str, object]:
-    import aiohttp  # noqa: PLC0415
-
+def _requests(port: int, n: int, n_entities: int, seed: int) -> list[bytes]:
+    """``n`` pre-encoded GETs of the benchmark's features, one entity and past time each."""
     rng = np.random.default_rng(seed)
     ents = rng.integers(0, n_entities, n)
     ats = T0 + 10 * US_PER_DAY + rng.integers(0, 20 * US_PER_DAY, n)
     feats = ",".join(FEATURES)
-    lat_ns = np.full(n, -1, dtype=np.int64)
-    errors: dict[str, int] = {}
-    conn = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        async def one(i: int, scheduled_ns: int) -> None:
-            try:
-                async with session.get(f"{url}/v1/features/{ents[i]}", params={
-                        "at": format_timestamp(int(ats[i])), "features": feats}) as resp:
-                    body = await resp.read()
-                    if resp.status != 200 or b'"features"' not in body:
-                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
-                        return
-            except Exception as exc:  # counted, never fatal
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
-            lat_ns[i] = time.perf_counter_ns() - scheduled_ns
+    return [(f"GET /v1/features/{e}?at={format_timestamp(int(t))}&features={feats} HTTP/1.1\r\n"
+             f"Host: 127.0.0.1:{port}\r\n\r\n").encode() for e, t in zip(ents, ats, strict=True)]
 
-        tasks = []
-        t0 = time.perf_counter_ns() + 50_000_000
-        if rate <= 0:  # closed loop: one request at a time (service latency, no queueing)
-            for i in range(n):
-                await one(i, time.perf_counter_ns())
-            return {"lat_ns": lat_ns.tolist(), "errors": errors,
-                    "elapsed_s": (time.perf_counter_ns() - t0) / 1e9}
-        step = 1e9 / rate
-        for i in range(n):
-            due = t0 + int(i * step)
-            delay = (due - time.perf_counter_ns()) / 1e9
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-        elapsed_s = (time.perf_counter_ns() - t0) / 1e9
-    return {"lat_ns": lat_ns.tolist(), "errors": errors, "elapsed_s": elapsed_s}
+
+def _ok(status: int, body: bytes) -> bool:
+    return status == 200 and b'"features"' in body
 
 
 def loadgen_main(argv: list[str]) -> int:
@@ -103,7 +77,10 @@ def loadgen_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    res = asyncio.run(_load(a.url, a.rate, a.n, a.entities, a.seed))
+    u = urllib.parse.urlsplit(a.url)
+    assert u.hostname is not None and u.port is not None
+    reqs = _requests(u.port, a.n, a.entities, a.seed)
+    res = asyncio.run(run_load(u.hostname, u.port, reqs, rate=a.rate, ok=_ok))
     Path(a.out).write_text(json.dumps(res))
     return 0
 

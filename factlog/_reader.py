@@ -71,6 +71,8 @@ class FactReader:
         self.row_groups: RowGroupCache | None = None
         self._schema_at: dict[str, float] = {}
         self._schemas: dict[str, tuple[FactType, pa.Schema]] = {}
+        self._fresh: dict[str, tuple[float, FactType]] = {}  # read from the store at that time
+        self._columns: dict[tuple[int, tuple[str, ...] | None], list[str]] = {}
 
     # -- listing ---------------------------------------------------------------------------------
     def fact_type(self, name: str) -> FactType:
@@ -80,10 +82,14 @@ class FactReader:
             UnknownFactType: it was never declared.
         """
         now = time.monotonic()
+        fresh = self._fresh.get(name)
+        if fresh is not None and now - fresh[0] <= self.schema_refresh_s:
+            return fresh[1]
         stale = now - self._schema_at.get(name, -np.inf) > self.schema_refresh_s
         ft = self.catalog.get(name, refresh=stale)
         if stale:
             self._schema_at[name] = now
+            self._fresh[name] = (now, ft)
         return ft
 
     def _stored_schema(self, ft: FactType) -> pa.Schema:
@@ -194,7 +200,12 @@ class FactReader:
         """
         ft = self.fact_type(fact_type)
         schema = self._stored_schema(ft)
-        out_cols = _output_columns(schema, columns)
+        ck = (id(schema), None if columns is None else tuple(columns))
+        out_cols = self._columns.get(ck)
+        if out_cols is None:
+            out_cols = _output_columns(schema, columns)
+            if len(self._columns) < 4096:  # schemas are kept in _schemas, so ids stay theirs
+                self._columns[ck] = out_cols
         ent = None if entities is None else _entity_array(entities, schema.field(ft.entity_name))
         _check_range(start_us, end_us)
         if ent is not None and len(ent) == 0:

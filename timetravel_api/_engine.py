@@ -43,9 +43,6 @@ from ._errors import InvalidFeature
 from ._features import FeatureSpec, check_entity_types, parse_features
 from ._kernels import KNOWLEDGE_MODES, UNBOUNDED_US, Knowledge
 from ._partition import (
-    AT,
-    ENTITY,
-    ROW,
     SYSTEM_FACT_COLUMNS,
     FactGroup,
     PartitionPlan,
@@ -219,8 +216,9 @@ class Engine:
             "fact_partitions": {}, "fact_files": {}, "snapshot_runs": [],
             "encoder_versions": {},
         }
-        queries = pa.table({ROW: pa.array(np.arange(len(ent), dtype=np.int64)), ENTITY: ent,
-                            AT: pa.array(at_us, pa.int64())}, schema=plan.query_schema())
+        queries = pa.Table.from_arrays(
+            [pa.array(np.arange(len(ent), dtype=np.int64)), ent, pa.array(at_us, pa.int64())],
+            schema=plan.query_schema())
         recent = None
         if (engine == "local" and 0 < len(ent) <= RECENT_MAX_ROWS and plan.groups
                 and (len(ent) == 1 or len(pc.unique(ent)) == 1)):
@@ -325,9 +323,9 @@ class Engine:
         for i, s in enumerate(specs):
             if s.kind in ("fact_field", "fact_count", "time_since_last"):
                 assert s.output_type is not None
-                col = wire.column(f"v{i}").combine_chunks()
+                col = _one_array(wire.column(f"v{i}"))
                 values[s.name] = col if col.type == s.output_type else col.cast(s.output_type)
-                status[s.name] = wire.column(f"s{i}").combine_chunks()
+                status[s.name] = _one_array(wire.column(f"s{i}"))
         if plan.provenance and plan.groups:
             sources = fact_sources(self.facts, plan, wire, pc.unique(ent))
             for g in plan.groups:
@@ -416,6 +414,10 @@ class Engine:
             if wm is not None and newest > wm:
                 return False
         return True
+
+
+def _one_array(col: pa.ChunkedArray) -> pa.Array:
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _set_lineage(lineage: dict[str, Any], fact_type: str, files: Sequence[FactFile]) -> None:

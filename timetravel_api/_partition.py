@@ -20,7 +20,6 @@ int64 µs so every engine can carry it), ``s<i>`` (status string) and, with prov
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -75,12 +74,19 @@ class PartitionPlan:
     provenance: bool
     entity_type: pa.DataType
 
-    @functools.cached_property
-    def _wire_schema(self) -> pa.Schema:
-        return self.wire_schema()
-
     def wire_schema(self) -> pa.Schema:
-        """The schema :func:`compute_partition` returns."""
+        """The schema :func:`compute_partition` returns (one object per distinct layout)."""
+        key = (self.provenance, tuple((g.indices, tuple(s.output_type for s in g.specs))
+                                      for g in self.groups))
+        hit = _WIRE_SCHEMAS.get(key)
+        if hit is None:
+            hit = self._build_wire_schema()
+            if len(_WIRE_SCHEMAS) >= 1024:
+                _WIRE_SCHEMAS.clear()
+            _WIRE_SCHEMAS[key] = hit
+        return hit
+
+    def _build_wire_schema(self) -> pa.Schema:
         fields = [pa.field(ROW, pa.int64())]
         for g in self.groups:
             for i, s in zip(g.indices, g.specs, strict=True):
@@ -98,15 +104,20 @@ class PartitionPlan:
 
 
 _STATUS_VALUES = pa.array(["ok", "missing"], pa.string())
+_ONE_OK = pa.array(["ok"], pa.string())
+_ONE_MISSING = pa.array(["missing"], pa.string())
 
 
 def status_array(status: np.ndarray) -> pa.Array:
     """The kernels' ``ok``/``missing`` status strings as an Arrow string array (by dictionary
     codes: no per-row string conversion)."""
-    if len(status) <= 16:  # an online lookup: cheaper than a compute kernel call
-        return pa.array(status.tolist(), pa.string())
+    if len(status) == 1:  # an online lookup: immutable one-row arrays, made once
+        return _ONE_OK if status[0] == "ok" else _ONE_MISSING
     codes = (status != "ok").astype(np.int8)
     return _STATUS_VALUES.take(pa.array(codes))
+
+
+_WIRE_SCHEMAS: dict[Any, pa.Schema] = {}
 
 
 def wire_type(t: pa.DataType) -> pa.DataType:
@@ -158,7 +169,8 @@ def compute_partition(
                 cols[f"p{i}_id"] = table.column("fact_id").combine_chunks().take(take)
                 cols[f"p{i}_ev"] = (table.column("event_time").combine_chunks()
                                     .cast(pa.int64()).take(take))
-    return pa.table(cols, schema=plan._wire_schema)
+    schema = plan.wire_schema()
+    return pa.Table.from_arrays([cols[n] for n in schema.names], schema=schema)
 
 
 def _provenance_spec(spec: FeatureSpec, i: int) -> FeatureSpec | None:

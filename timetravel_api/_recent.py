@@ -15,8 +15,6 @@ different UTC dates are deduplicated only when both are read.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pyarrow as pa
 
 from ttstore import US_PER_DAY
@@ -54,11 +52,13 @@ def recent_plan(plan: PartitionPlan, oldest_at_us: int) -> PartitionPlan | None:
         span = max([RECENT_SPAN_US, *(int(h) for h in others if h is not None)])
         start = oldest_at_us - span
         if g.start_us is None or g.start_us < start:
-            groups.append(dataclasses.replace(g, start_us=start))
+            groups.append(FactGroup(g.fact_type, g.entity_col, g.lookback_us, g.specs, g.indices,
+                                    g.columns, start, g.end_us, g.logged_before_us))
             changed = True
         else:
             groups.append(g)
-    return dataclasses.replace(plan, groups=tuple(groups)) if changed else None
+    return (PartitionPlan(tuple(groups), plan.knowledge, plan.provenance, plan.entity_type)
+            if changed else None)
 
 
 def found_everything(
