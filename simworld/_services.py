@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -282,8 +283,17 @@ _STATE: web.AppKey[SimState] = web.AppKey("simworld_state", SimState)
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(body, separators=(",", ":")), status=status,
-                        content_type="application/json")
+    # orjson: compact, and many times the stdlib's speed (a batch answer is ~100 KB).
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _loads(data: bytes) -> Any:
+    """A request body's JSON. orjson reads an integer beyond 64 bits as a float, which as an
+    id is unknown all the same (ids are int64); what orjson refuses, the stdlib reads."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -370,7 +380,7 @@ def _entity_handlers(service: str) -> tuple[Callable[..., Any], Callable[..., An
 
     async def _batch_get(request: web.Request, state: SimState) -> web.Response:
         try:
-            body = await request.json()
+            body = _loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         ids = body.get("ids") if isinstance(body, dict) else None
@@ -422,7 +432,7 @@ def _table_handler(service: str) -> Callable[..., Any]:
 
 async def _control_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = _loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput("the body must be a JSON object") from exc
     if not isinstance(body, dict):

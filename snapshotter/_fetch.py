@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 import numpy as np
+import orjson
 
 from ._errors import ServiceConfigError
 from ._ratelimit import QpsLimiter, Ticket
@@ -232,15 +233,10 @@ class ServiceFetcher:
                 return FetchResult(entity, "missing", None, None, a.latency_s, attempts, None)
             if a.error_kind is None:
                 assert a.body is not None
-                try:
-                    text = a.body.decode("utf-8")
-                    payload = json.loads(text)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    payload = None
+                payload, text = _parse_answer(a.body)
                 if isinstance(payload, dict):
-                    return FetchResult(
-                        entity, "ok", payload, text.strip(), a.latency_s, attempts, None
-                    )
+                    assert text is not None
+                    return FetchResult(entity, "ok", payload, text, a.latency_s, attempts, None)
                 self._attempt_errors["invalid_json"] += 1
                 return FetchResult(
                     entity, "error", None, None, a.latency_s, attempts, "invalid_json"
@@ -388,16 +384,45 @@ def _skip(text: str, i: int) -> int:
     return i if m is None else m.end()
 
 
+def _parse_answer(body: bytes) -> tuple[Any, str | None]:
+    """A per-entity answer's JSON value and its text (stripped), or ``(None, None)``.
+
+    orjson's parse is taken only when re-encoding it gives back exactly the service's bytes
+    (compact JSON, as the simulated world and most services send): it reads an integer beyond
+    64 bits as a float, and the stdlib keeps it an int, so anything else takes the stdlib parse.
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        try:
+            if orjson.dumps(value) == body:
+                return value, body.decode("utf-8")
+        except TypeError:  # a value orjson reads but does not write: take the stdlib parse
+            pass
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text), text.strip()
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None
+
+
 def _batch_results(body: bytes | None) -> dict[str, tuple[Any, str]] | None:
     """The ``results`` of a batch answer as ``{id: (value, its JSON text)}``, or None when the
     answer is not ``{"results": {...}}``.
 
-    Each value's text is the slice of the answer it was parsed from, so ``raw_json`` is what the
-    service sent, and no row is serialized again; an answer of another shape (more keys, odd
-    order) falls back to a full parse.
+    Each value's text is what the service sent for it, so ``raw_json`` is the service's own
+    text. The fast path parses with orjson and takes each value's compact re-encoding as its
+    text when the re-encoded answer is exactly the service's bytes (see :func:`_parse_answer`);
+    otherwise a scan keeps each value's slice of the answer, and an answer of another shape
+    (more keys, odd order) falls back to a full parse.
     """
     if body is None:
         return None
+    fast = _canonical_results(body)
+    if fast is not None:
+        return fast
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -416,6 +441,36 @@ def _batch_results(body: bytes | None) -> dict[str, tuple[Any, str]] | None:
     if not isinstance(results, dict):
         return None
     return {k: (v, json.dumps(v, separators=(",", ":"))) for k, v in results.items()}
+
+
+_RESULTS_OPEN = b'{"results":{'
+_RESULTS_CLOSE = b"}}"
+
+
+def _canonical_results(body: bytes) -> dict[str, tuple[Any, str]] | None:
+    """:func:`_batch_results` when the answer is exactly orjson's compact encoding of
+    ``{"results": {...}}``; None otherwise (the caller then scans the text)."""
+    if not body.startswith(_RESULTS_OPEN):
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    results = doc.get("results") if type(doc) is dict and len(doc) == 1 else None
+    if type(results) is not dict:
+        return None
+    dumps = orjson.dumps
+    try:
+        texts = list(map(dumps, results.values()))
+        keys = list(map(dumps, results))
+    except TypeError:
+        return None
+    items = b",".join([k + b":" + t for k, t in zip(keys, texts, strict=True)])
+    if len(body) != len(_RESULTS_OPEN) + len(items) + len(_RESULTS_CLOSE) or (
+        body != _RESULTS_OPEN + items + _RESULTS_CLOSE
+    ):
+        return None
+    return {k: (v, t.decode()) for (k, v), t in zip(results.items(), texts, strict=True)}
 
 
 def _scan_results(text: str) -> dict[str, tuple[Any, str]] | None:

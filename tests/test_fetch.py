@@ -269,6 +269,41 @@ async def test_invalid_answers(aiohttp_server) -> None:
         ("ok", {"id": "a"}, {"id": "a"}), ("ok", {"id": "b"}, {"id": "b"})]
 
 
+async def test_compact_answers_keep_the_services_text_and_big_integers(aiohttp_server) -> None:
+    """Compact JSON (what the world sends) takes the fast parse; its ``raw_json`` is still the
+    service's own text, and an integer beyond 64 bits stays an int (a fast parser would read it
+    as a float, which would change the field's type)."""
+    big = 123456789012345678901234567890
+    rows = {
+        "a": b'{"id":"a","n":1,"x":1.5,"v":[1,{"k":null}],"s":"\\u00e9\xc3\xa9"}',
+        "b": b'{"id":"b","n":%d}' % big,
+        "c": b'{"id":"c","n":-0.0,"x":1e+16}',
+    }
+
+    async def one(request: web.Request) -> web.Response:
+        return web.Response(body=rows[request.match_info["id"]], content_type="application/json")
+
+    async def batch(request: web.Request) -> web.Response:
+        ids = (await request.json())["ids"]
+        items = b",".join(b'"%s":%s' % (i.encode(), rows[i]) for i in ids)
+        return web.Response(body=b'{"results":{' + items + b"}}", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/x/{id}", one)
+    app.router.add_post("/x:batch", batch)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    for batch_url in (None, base + "/x:batch"):
+        config = ServiceConfig(name="x", url=base + "/x/{entity_id}", batch_url=batch_url,
+                               entity_type="string")
+        async with ServiceFetcher(config) as fetcher:
+            got = await fetcher.fetch(["a", "b", "c"])
+        assert [r.status for r in got] == ["ok", "ok", "ok"]
+        assert [r.raw_json for r in got] == [rows[k].decode() for k in "abc"]
+        assert [r.payload for r in got] == [json.loads(rows[k]) for k in "abc"]
+        assert type(got[1].payload["n"]) is int and got[1].payload["n"] == big
+
+
 # -- the QPS limit ------------------------------------------------------------------------------
 
 
