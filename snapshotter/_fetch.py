@@ -32,6 +32,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from ._answers import Answers
 from ._errors import ServiceConfigError
 from ._ratelimit import QpsLimiter, Ticket
 from ._services import ServiceConfig
@@ -51,6 +52,10 @@ _RESERVOIR = 50_000
 #: Rows admitted per unit of concurrency: enough queued work to keep every slot busy while a
 #: few rows wait out a backoff, without one task per row of a large chunk.
 _ADMIT_PER_SLOT = 4
+#: A batch answer's row by the type of its value: an object is ok, an id left out or null is
+#: missing, anything else is an invalid answer.
+_STATUS_OF: dict[type, str] = {dict: "ok", type(None): "missing"}
+_NOT_FOUND: tuple[None, None] = (None, None)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,9 @@ class ServiceFetcher:
         self.config = config
         # None when there are none: aiohttp then has nothing to merge per request.
         self._headers: dict[str, str] | None = config.resolve_headers(environ) or None
+        self._post_headers = dict(self._headers or {})
+        if not any(h.lower() == "content-type" for h in self._post_headers):
+            self._post_headers["Content-Type"] = "application/json"
         self._limiter = (
             QpsLimiter(config.max_qps * qps_share) if config.max_qps is not None else None
         )
@@ -194,8 +202,26 @@ class ServiceFetcher:
         Returns:
             One :class:`FetchResult` per entity, in input order.
         """
+        a = await self.fetch_answers(entities)
+        return [
+            FetchResult(e, st, p, raw, lat, n, kind)  # type: ignore[arg-type]
+            for e, st, p, raw, lat, n, kind in zip(
+                entities, a.status, a.payload, a.raw_json, a.latency_s, a.attempts,
+                a.error_kind, strict=True,
+            )
+        ]
+
+    async def fetch_answers(self, entities: Sequence[int | str]) -> Answers:
+        """:meth:`fetch` as columns (what a run stages): no object per row.
+
+        Args:
+            entities: keys of the service's ``entity_type``.
+
+        Returns:
+            The answers, aligned with ``entities``.
+        """
         n = len(entities)
-        out: list[FetchResult | None] = [None] * n
+        out = Answers.blank(n)
         if self.config.uses_batch:
             units = [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
         else:
@@ -207,7 +233,7 @@ class ServiceFetcher:
                 if self.config.uses_batch:
                     await self._fetch_batch(entities, lo, hi, out)
                 else:
-                    out[lo] = await self._fetch_one(entities[lo])
+                    await self._fetch_one(entities[lo], lo, out)
             finally:
                 admit.release()
 
@@ -215,41 +241,39 @@ class ServiceFetcher:
             for lo, hi in units:
                 await admit.acquire()
                 tg.create_task(run(lo, hi))
-        results = [r for r in out if r is not None]
-        assert len(results) == n
-        for r in results:
-            self._final[r.status] += 1
-            if r.error_kind is not None:
-                self._errors[r.error_kind] += 1
-        return results
+        self._final.update(out.status)
+        self._errors.update(k for k in out.error_kind if k is not None)
+        return out
 
-    async def _fetch_one(self, entity: int | str) -> FetchResult:
+    async def _fetch_one(self, entity: int | str, i: int, out: Answers) -> None:
         url = self.config.entity_url(entity)
         attempts = 0
         while True:
             attempts += 1
             a = await self._attempt("GET", url, None)
+            out.latency_s[i], out.attempts[i] = a.latency_s, attempts
             if a.error_kind is None and a.status == 404:
-                return FetchResult(entity, "missing", None, None, a.latency_s, attempts, None)
+                out.status[i] = "missing"
+                return
             if a.error_kind is None:
                 assert a.body is not None
                 payload, text = _parse_answer(a.body)
                 if isinstance(payload, dict):
-                    assert text is not None
-                    return FetchResult(entity, "ok", payload, text, a.latency_s, attempts, None)
+                    out.status[i], out.payload[i], out.raw_json[i] = "ok", payload, text
+                    return
                 self._attempt_errors["invalid_json"] += 1
-                return FetchResult(
-                    entity, "error", None, None, a.latency_s, attempts, "invalid_json"
-                )
+                out.error_kind[i] = "invalid_json"
+                return
             if not a.retry or attempts > self.config.retries:
-                return FetchResult(entity, "error", None, None, a.latency_s, attempts, a.error_kind)
+                out.error_kind[i] = a.error_kind
+                return
             await self._backoff(attempts)
 
     async def _fetch_batch(
-        self, entities: Sequence[int | str], lo: int, hi: int, out: list[FetchResult | None]
+        self, entities: Sequence[int | str], lo: int, hi: int, out: Answers
     ) -> None:
         ids = list(entities[lo:hi])
-        body = {"ids": [_json_id(e) for e in ids]}
+        body = orjson.dumps({"ids": [_json_id(e) for e in ids]})
         url = self.config.batch_url
         assert url is not None
         attempts = 0
@@ -262,16 +286,16 @@ class ServiceFetcher:
                     self._attempt_errors["invalid_json"] += 1
                     kind: str | None = "invalid_json"
                     break
-                for k, e in enumerate(ids):
-                    v, raw = results.get(str(e), (None, ""))
-                    if v is None:
-                        r = FetchResult(e, "missing", None, None, a.latency_s, attempts, None)
-                    elif isinstance(v, dict):
-                        r = FetchResult(e, "ok", v, raw, a.latency_s, attempts, None)
-                    else:
-                        bad = "invalid_json"
-                        r = FetchResult(e, "error", None, None, a.latency_s, attempts, bad)
-                    out[lo + k] = r
+                got = [results.get(str(e), _NOT_FOUND) for e in ids]
+                status = [_STATUS_OF.get(type(v), "error") for v, _ in got]
+                out.status[lo:hi] = status
+                out.payload[lo:hi] = [v if st == "ok" else None for (v, _), st in zip(
+                    got, status, strict=True)]
+                out.raw_json[lo:hi] = [t if st == "ok" else None for (_, t), st in zip(
+                    got, status, strict=True)]
+                out.error_kind[lo:hi] = [None if st != "error" else "invalid_json"
+                                         for st in status]
+                self._fill(out, lo, hi, a.latency_s, attempts)
                 return
             if a.status == 404:  # the batch endpoint itself is not there: a config error
                 kind = "http_4xx"
@@ -280,10 +304,15 @@ class ServiceFetcher:
             if not a.retry or attempts > self.config.retries:
                 break
             await self._backoff(attempts)
-        for k, e in enumerate(ids):
-            out[lo + k] = FetchResult(e, "error", None, None, a.latency_s, attempts, kind)
+        out.error_kind[lo:hi] = [kind] * (hi - lo)  # status is "error" from the start
+        self._fill(out, lo, hi, a.latency_s, attempts)
 
-    async def _attempt(self, method: str, url: str, body: dict[str, Any] | None) -> _Answer:
+    @staticmethod
+    def _fill(out: Answers, lo: int, hi: int, latency_s: float, attempts: int) -> None:
+        out.latency_s[lo:hi] = [latency_s] * (hi - lo)
+        out.attempts[lo:hi] = [attempts] * (hi - lo)
+
+    async def _attempt(self, method: str, url: str, body: bytes | None) -> _Answer:
         """One request, holding a concurrency slot and a QPS start."""
         async with self._slots:
             ticket = None if self._limiter is None else await self._limiter.acquire()
@@ -294,8 +323,8 @@ class ServiceFetcher:
             kind: str | None = None
             try:
                 async with self._get_session().request(
-                    method, url, json=body, headers=self._headers, timeout=self._timeout,
-                    trace_request_ctx=ticket,
+                    method, url, data=body, headers=self._headers if body is None else
+                    self._post_headers, timeout=self._timeout, trace_request_ctx=ticket,
                 ) as resp:
                     status = resp.status
                     data = await resp.read()
