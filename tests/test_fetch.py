@@ -312,6 +312,33 @@ async def test_compact_answers_keep_the_services_text_and_big_integers(aiohttp_s
         assert type(got[1].payload["n"]) is int and got[1].payload["n"] == big
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9001/v1/h/{entity_id}", "http://h:1/a/{entity_id}/b.json",
+    "http://user:pw@h:8/p%20q/a;b/{entity_id}", "http://h/x?id={entity_id}", "http://H:80/{entity_id}",
+    "https://h/é/{entity_id}", "http://h/a/{entity_id}?k=v",
+])
+def test_entity_urls_are_what_aiohttp_makes_of_the_strings(url: str) -> None:
+    """The fetcher's ready-made URLs (integer keys in the path) are exactly what aiohttp would
+    have parsed from the config's string; every other case is the string itself."""
+    from yarl import URL
+
+    from snapshotter._fetch import entity_urls
+
+    config = ServiceConfig(name="x", url=url)
+    make = entity_urls(config)
+    for key in (1, -5, 0, 2**63 - 1, "a/b", "é", "x y", "%41", "..", "a;b", "+"):
+        got, want = make(key), URL(config.entity_url(key))
+        if isinstance(got, str):
+            assert got == config.entity_url(key)
+        else:
+            assert isinstance(key, int)
+            assert (str(got), got.raw_path, got.raw_query_string, got.host, got.port,
+                    got.user, got.password) == (str(want), want.raw_path, want.raw_query_string,
+                                                want.host, want.port, want.user, want.password)
+    ready = isinstance(make(1), URL)
+    assert ready == ("?" not in url and "é" not in url and "H:" not in url)
+
+
 # -- the QPS limit ------------------------------------------------------------------------------
 
 
