@@ -9,7 +9,8 @@ What it keeps to, per :class:`~snapshotter.ServiceConfig`:
 - ``retries`` further attempts after a 5xx, 408, 429, a timeout or a connection error, each after
   an exponential backoff with jitter; other 4xx answers and unparseable bodies are not retried.
 
-What it answers: one :class:`FetchResult` per requested entity, in input order. A fetch never
+What it answers: one :class:`FetchResult` per requested entity, in input order (or the same
+answers as columns, :meth:`ServiceFetcher.fetch_answers`, which is what a run stages). A fetch never
 raises for a service's failure: a 404 (or an id left out of a batch answer) is ``missing``, and a
 failure after the last attempt is ``error`` with its kind. Where ``batch_url`` is configured,
 ids go ``batch_size`` at a time in one ``POST {"ids": [...]}``.
