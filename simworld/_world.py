@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from ttstore import TIMESTAMP_TYPE, US_PER_DAY, US_PER_S
 
-from ._random import choice, poisson, uniform, uniforms4
+from ._random import cdf, pick, poisson, uniform, uniform_streams, uniforms4
 
 __all__ = [
     "ACTIVITY_LEVELS", "DEVICES", "GENRES", "PLANS", "REGIONS", "TENURE_BUCKETS", "Plays", "World"
@@ -59,6 +60,13 @@ RECENT_PLAYS = 5
  _S_PLAY_U, _S_ADDS_N, _S_ADD_T, _S_ADD_U, _S_ADD_LIFE, _S_KIDS, _S_GENRE, _S_RUNTIME,
  ) = range(1, 25)
 
+
+# What the traits draw, in the order of ``uniform_streams``' rows (see ``_traits``).
+_TRAIT_STREAMS = (_S_ACTIVITY, _S_RATE, _S_TENURE, _S_REGION, _S_PHASE_D, _S_PHASE_T, _S_KIDS)
+_ACTIVITY_CDF, _REGION_CDF = cdf(_ACTIVITY_W), cdf(_REGION_W)
+_DEVICE_CDF, _PLAN_CDF = cdf(_DEVICE_W), cdf(_PLAN_W)
+_GENRE_NAMES = np.asarray(GENRES, dtype=object)
+_GENRE_CDF, _OTHER_GENRE_CDF = cdf(np.ones(len(GENRES))), cdf(np.ones(len(GENRES) - 1))
 
 #: Member ids: a sequence or an integer array.
 Ids = Sequence[int] | np.ndarray
@@ -113,7 +121,7 @@ class World:
         self.start_us = int(start_us)
         self.videos = int(videos)
         v = np.arange(1, videos + 1)
-        genre = choice(uniform(seed, _S_GENRE, v), np.ones(len(GENRES)))
+        genre = pick(uniform(seed, _S_GENRE, v), _GENRE_CDF)
         genre[: len(GENRES)] = np.arange(len(GENRES))  # every genre has a video
         self.video_genre = genre
         self.video_runtime_s = np.round(600 + uniform(seed, _S_RUNTIME, v) * 8400).astype(np.int64)
@@ -132,20 +140,20 @@ class World:
 
     # -- fixed and slowly changing traits (vectorized) ----------------------------------------
     def _traits(self, m: np.ndarray) -> dict[str, np.ndarray]:
-        s = self.seed
-        activity = choice(uniform(s, _S_ACTIVITY, m), _ACTIVITY_W)
-        rate = _PLAYS_PER_DAY[activity] * (0.6 + 0.8 * uniform(s, _S_RATE, m))
+        u = uniform_streams(self.seed, _TRAIT_STREAMS, m)  # one hash pass for every trait
+        activity = pick(u[0], _ACTIVITY_CDF)
+        rate = _PLAYS_PER_DAY[activity] * (0.6 + 0.8 * u[1])
         # Tenure skews recent: u^2 over six years, to the second.
-        tenure_us = (uniform(s, _S_TENURE, m) ** 2 * 6 * 365 * US_PER_DAY).astype(np.int64)
+        tenure_us = (u[2] ** 2 * 6 * 365 * US_PER_DAY).astype(np.int64)
         return {
-            "region": choice(uniform(s, _S_REGION, m), _REGION_W),
+            "region": pick(u[3], _REGION_CDF),
             "activity": activity,
             "rate": rate,
             "add_rate": _ADDS_PER_DAY[activity],
             "signup_us": self.start_us - US_PER_S - tenure_us,
-            "phase_d": (uniform(s, _S_PHASE_D, m) * _DEVICE_EPOCH_US).astype(np.int64),
-            "phase_t": (uniform(s, _S_PHASE_T, m) * _TASTE_EPOCH_US).astype(np.int64),
-            "kids": uniform(s, _S_KIDS, m) < 0.2,
+            "phase_d": (u[4] * _DEVICE_EPOCH_US).astype(np.int64),
+            "phase_t": (u[5] * _TASTE_EPOCH_US).astype(np.int64),
+            "kids": u[6] < 0.2,
         }
 
     def _device_plan(self, m: np.ndarray, t_us: np.ndarray, tr: dict[str, np.ndarray]) -> tuple[
@@ -154,12 +162,11 @@ class World:
         """Device in use and plan at ``t_us``: a base value, switched in some 30-day epochs."""
         s = self.seed
         e = (t_us + tr["phase_d"]) // _DEVICE_EPOCH_US
-        base_dev = choice(uniform(s, _S_DEVICE, m), _DEVICE_W)
-        new_dev = choice(uniform(s, _S_DEVICE_NEW, m, e), _DEVICE_W)
-        device = np.where(uniform(s, _S_DEVICE_SW, m, e) < 0.25, new_dev, base_dev)
-        base_plan = choice(uniform(s, _S_PLAN, m), _PLAN_W)
-        new_plan = choice(uniform(s, _S_PLAN_NEW, m, e), _PLAN_W)
-        plan = np.where(uniform(s, _S_PLAN_SW, m, e) < 0.15, new_plan, base_plan)
+        base = uniform_streams(s, (_S_DEVICE, _S_PLAN), m)
+        by_epoch = uniform_streams(s, (_S_DEVICE_NEW, _S_DEVICE_SW, _S_PLAN_NEW, _S_PLAN_SW), m, e)
+        device = np.where(by_epoch[1] < 0.25, pick(by_epoch[0], _DEVICE_CDF),
+                          pick(base[0], _DEVICE_CDF))
+        plan = np.where(by_epoch[3] < 0.15, pick(by_epoch[2], _PLAN_CDF), pick(base[1], _PLAN_CDF))
         return device, plan
 
     def _favourites(self, m: np.ndarray, t_us: np.ndarray, phase_t: np.ndarray) -> tuple[
@@ -167,9 +174,10 @@ class World:
     ]:
         e = (t_us + phase_t) // _TASTE_EPOCH_US
         g = len(GENRES)
-        fav1 = choice(uniform(self.seed, _S_FAV1, m, e), np.ones(g))
+        u = uniform_streams(self.seed, (_S_FAV1, _S_FAV2), m, e)
+        fav1 = pick(u[0], _GENRE_CDF)
         # A second favourite different from the first.
-        fav2 = (fav1 + 1 + choice(uniform(self.seed, _S_FAV2, m, e), np.ones(g - 1))) % g
+        fav2 = (fav1 + 1 + pick(u[1], _OTHER_GENRE_CDF)) % g
         return fav1, fav2
 
     def _pick_video(
@@ -179,7 +187,7 @@ class World:
 
         ``u`` holds three uniforms per event (genre source, other genre, popularity)."""
         fav1, fav2 = self._favourites(m, t_us, phase_t)
-        other = choice(u[1], np.ones(len(GENRES)))
+        other = pick(u[1], _GENRE_CDF)
         genre = np.where(u[0] < 0.55, fav1, np.where(u[0] < 0.75, fav2, other))
         pop = u[2] ** 2
         idx = self._genre_offset[genre] + (pop * self._genre_count[genre]).astype(np.int64)
@@ -316,38 +324,45 @@ class World:
         secs30 = np.bincount(p.pos, weights=p.seconds, minlength=n)
         recent7 = p.played_at_us > t_us - 7 * US_PER_DAY
         secs7 = np.bincount(p.pos[recent7], weights=p.seconds[recent7], minlength=n)
-        by_genre = np.zeros((n, len(GENRES)))
-        np.add.at(by_genre, (p.pos, p.genre), p.seconds)
+        g = len(GENRES)
+        # bincount adds in input order, as np.add.at does: the same sums, one pass.
+        by_genre = np.bincount(p.pos * g + p.genre, weights=p.seconds,
+                               minlength=n * g).reshape(n, g)
         top = by_genre.argmax(axis=1)  # ties: the first genre in GENRES order
-        ends = np.cumsum(count).tolist()
-        counts = count.tolist()
-        vid, sec = p.video_id.tolist(), p.seconds.tolist()
-        gen = np.asarray(GENRES, dtype=object)[p.genre].tolist()
-        # Only the newest RECENT_PLAYS of each member are shown: format just those.
-        newest = np.arange(len(p.pos)) >= (np.asarray(ends) - RECENT_PLAYS)[p.pos]
-        at_arr = np.empty(len(p.pos), dtype=object)
-        at_arr[newest] = timestamps(p.played_at_us[newest])
-        at = at_arr.tolist()
-        top_name = np.asarray(GENRES, dtype=object)[top].tolist()
-        genre_secs = np.round(by_genre, 1).tolist()
+        ends = np.cumsum(count)
+        # Only the newest RECENT_PLAYS of each member are shown, newest first: build just those,
+        # in one pass over all members, and hand each member its slice.
+        shown = np.flatnonzero(np.arange(len(p.pos)) >= (ends - RECENT_PLAYS)[p.pos])
+        shown = shown[np.lexsort((-shown, p.pos[shown]))]
+        recent_all = [
+            {"video_id": v, "genre": gn, "seconds": sc, "played_at": at}
+            for v, gn, sc, at in zip(
+                p.video_id[shown].tolist(), _GENRE_NAMES[p.genre[shown]].tolist(),
+                p.seconds[shown].tolist(), timestamps(p.played_at_us[shown]), strict=True,
+            )
+        ]
+        n_shown = np.minimum(count, RECENT_PLAYS)
+        shown_hi = np.cumsum(n_shown).tolist()
+        n_shown_l, counts = n_shown.tolist(), count.tolist()
+        top_name = _GENRE_NAMES[top].tolist()
+        genre_secs = np.round(by_genre, 1)
+        genre_rows, genre_on = genre_secs.tolist(), (genre_secs > 0).tolist()
         s30, s7 = np.round(secs30, 1).tolist(), np.round(secs7, 1).tolist()
+        ids = m_all.tolist()
         out: list[Answer] = [None] * n
         for i in np.flatnonzero(self.known(m_all)).tolist():
-            lo, hi = ends[i] - counts[i], ends[i]
-            recent = [
-                {"video_id": vid[j], "genre": gen[j], "seconds": sec[j], "played_at": at[j]}
-                for j in range(hi - 1, max(lo, hi - RECENT_PLAYS) - 1, -1)
-            ]
+            hi = shown_hi[i]
+            recent = recent_all[hi - n_shown_l[i]:hi]
             out[i] = {
-                "member_id": int(m_all[i]),
+                "member_id": ids[i],
                 "plays_30d": counts[i],
                 "seconds_30d": s30[i],
                 "seconds_7d": s7[i],
                 "top_genre_30d": top_name[i] if counts[i] else None,
-                "genre_seconds_30d": {
-                    g: x for g, x in zip(GENRES, genre_secs[i], strict=True) if x > 0
-                },
-                "last_played_at": at[hi - 1] if hi > lo else None,
+                "genre_seconds_30d": dict(
+                    compress(zip(GENRES, genre_rows[i], strict=True), genre_on[i])
+                ),
+                "last_played_at": recent[0]["played_at"] if recent else None,
                 "recent": recent,
             }
         return out

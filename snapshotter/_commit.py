@@ -52,6 +52,7 @@ from ._manifest import (
     part_key,
     staging_prefix,
 )
+from ._stage import parquet_options
 from ._typing import conform, freeze_types
 
 #: Committed objects gather consecutive staged chunks up to about this many rows, so a run of
@@ -131,7 +132,7 @@ def _service_stats(
                 errors[item["values"]] += item["counts"]
             if writer is None:
                 writer = pq.ParquetWriter(sink, table.schema, compression="zstd",
-                                          write_statistics=True, store_schema=True)
+                                          **parquet_options(table))
             writer.write_table(table)
             del table, entity
         if writer is None:

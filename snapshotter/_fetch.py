@@ -9,7 +9,8 @@ What it keeps to, per :class:`~snapshotter.ServiceConfig`:
 - ``retries`` further attempts after a 5xx, 408, 429, a timeout or a connection error, each after
   an exponential backoff with jitter; other 4xx answers and unparseable bodies are not retried.
 
-What it answers: one :class:`FetchResult` per requested entity, in input order. A fetch never
+What it answers: one :class:`FetchResult` per requested entity, in input order (or the same
+answers as columns, :meth:`ServiceFetcher.fetch_answers`, which is what a run stages). A fetch never
 raises for a service's failure: a 404 (or an id left out of a batch answer) is ``missing``, and a
 failure after the last attempt is ``error`` with its kind. Where ``batch_url`` is configured,
 ids go ``batch_size`` at a time in one ``POST {"ids": [...]}``.
@@ -18,22 +19,25 @@ ids go ``batch_size`` at a time in one ``POST {"ids": [...]}``.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
+import orjson
+from yarl import URL
 
+from ._answer_json import batch_results, parse_answer
+from ._answers import Answers
 from ._errors import ServiceConfigError
 from ._ratelimit import QpsLimiter, Ticket
-from ._services import ServiceConfig
+from ._services import ENTITY_ID_PLACEHOLDER, ServiceConfig
 
 __all__ = ["ERROR_KINDS", "FetchResult", "ServiceFetcher"]
 
@@ -47,9 +51,13 @@ Status = Literal["ok", "missing", "error"]
 _JSON_EXACT_INT = 2**53
 #: Latency samples kept for :meth:`ServiceFetcher.stats` (a uniform reservoir beyond this).
 _RESERVOIR = 50_000
-#: Rows admitted per unit of concurrency: enough queued work to keep every slot busy while a
-#: few rows wait out a backoff, without one task per row of a large chunk.
+#: Workers per unit of concurrency: enough to keep every slot busy while a few rows wait out
+#: a backoff.
 _ADMIT_PER_SLOT = 4
+#: A batch answer's row by the type of its value: an object is ok, an id left out or null is
+#: missing, anything else is an invalid answer.
+_STATUS_OF: dict[type, str] = {dict: "ok", type(None): "missing"}
+_NOT_FOUND: tuple[None, None] = (None, None)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,9 @@ class ServiceFetcher:
         self.config = config
         # None when there are none: aiohttp then has nothing to merge per request.
         self._headers: dict[str, str] | None = config.resolve_headers(environ) or None
+        self._post_headers = dict(self._headers or {})
+        if not any(h.lower() == "content-type" for h in self._post_headers):
+            self._post_headers["Content-Type"] = "application/json"
         self._limiter = (
             QpsLimiter(config.max_qps * qps_share) if config.max_qps is not None else None
         )
@@ -136,6 +147,7 @@ class ServiceFetcher:
             )
         self._session = session
         self._own_session = session is None
+        self._entity_url = entity_urls(config)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self._rng = random.Random(seed)
@@ -193,67 +205,78 @@ class ServiceFetcher:
         Returns:
             One :class:`FetchResult` per entity, in input order.
         """
+        a = await self.fetch_answers(entities)
+        return [
+            FetchResult(e, st, p, raw, lat, n, kind)  # type: ignore[arg-type]
+            for e, st, p, raw, lat, n, kind in zip(
+                entities, a.status, a.payload, a.raw_json, a.latency_s, a.attempts,
+                a.error_kind, strict=True,
+            )
+        ]
+
+    async def fetch_answers(self, entities: Sequence[int | str]) -> Answers:
+        """:meth:`fetch` as columns (what a run stages): no object per row.
+
+        Args:
+            entities: keys of the service's ``entity_type``.
+
+        Returns:
+            The answers, aligned with ``entities``.
+        """
         n = len(entities)
-        out: list[FetchResult | None] = [None] * n
+        out = Answers.blank(n)
         if self.config.uses_batch:
             units = [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
         else:
             units = [(i, i + 1) for i in range(n)]
-        admit = asyncio.Semaphore(self.config.max_concurrency * _ADMIT_PER_SLOT)
+        todo = iter(units)
 
-        async def run(lo: int, hi: int) -> None:
-            try:
+        # A fixed set of workers takes the units in order (not one task per row): each attempt
+        # still waits for one of max_concurrency slots, and the spare workers keep every slot
+        # busy while a few rows wait out a backoff.
+        async def work() -> None:
+            for lo, hi in todo:
                 if self.config.uses_batch:
                     await self._fetch_batch(entities, lo, hi, out)
                 else:
-                    out[lo] = await self._fetch_one(entities[lo])
-            finally:
-                admit.release()
+                    await self._fetch_one(entities[lo], lo, out)
 
         async with asyncio.TaskGroup() as tg:
-            for lo, hi in units:
-                await admit.acquire()
-                tg.create_task(run(lo, hi))
-        results = [r for r in out if r is not None]
-        assert len(results) == n
-        for r in results:
-            self._final[r.status] += 1
-            if r.error_kind is not None:
-                self._errors[r.error_kind] += 1
-        return results
+            for _ in range(min(len(units), self.config.max_concurrency * _ADMIT_PER_SLOT)):
+                tg.create_task(work())
+        self._final.update(out.status)
+        self._errors.update(k for k in out.error_kind if k is not None)
+        return out
 
-    async def _fetch_one(self, entity: int | str) -> FetchResult:
-        url = self.config.entity_url(entity)
+    async def _fetch_one(self, entity: int | str, i: int, out: Answers) -> None:
+        url = self._entity_url(entity)
         attempts = 0
         while True:
             attempts += 1
             a = await self._attempt("GET", url, None)
+            out.latency_s[i], out.attempts[i] = a.latency_s, attempts
             if a.error_kind is None and a.status == 404:
-                return FetchResult(entity, "missing", None, None, a.latency_s, attempts, None)
+                out.status[i] = "missing"
+                return
             if a.error_kind is None:
                 assert a.body is not None
-                try:
-                    text = a.body.decode("utf-8")
-                    payload = json.loads(text)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    payload = None
+                payload, text = parse_answer(a.body)
                 if isinstance(payload, dict):
-                    return FetchResult(
-                        entity, "ok", payload, text.strip(), a.latency_s, attempts, None
-                    )
+                    out.status[i], out.payload[i], out.raw_json[i] = "ok", payload, text
+                    return
                 self._attempt_errors["invalid_json"] += 1
-                return FetchResult(
-                    entity, "error", None, None, a.latency_s, attempts, "invalid_json"
-                )
+                out.error_kind[i] = "invalid_json"
+                return
             if not a.retry or attempts > self.config.retries:
-                return FetchResult(entity, "error", None, None, a.latency_s, attempts, a.error_kind)
+                out.error_kind[i] = a.error_kind
+                return
             await self._backoff(attempts)
 
     async def _fetch_batch(
-        self, entities: Sequence[int | str], lo: int, hi: int, out: list[FetchResult | None]
+        self, entities: Sequence[int | str], lo: int, hi: int, out: Answers
     ) -> None:
         ids = list(entities[lo:hi])
-        body = {"ids": [_json_id(e) for e in ids]}
+        body = orjson.dumps({"ids": [_json_id(e) for e in ids]})
         url = self.config.batch_url
         assert url is not None
         attempts = 0
@@ -261,21 +284,21 @@ class ServiceFetcher:
             attempts += 1
             a = await self._attempt("POST", url, body)
             if a.error_kind is None and a.status != 404:
-                results = _batch_results(a.body)
+                results = batch_results(a.body)
                 if results is None:
                     self._attempt_errors["invalid_json"] += 1
                     kind: str | None = "invalid_json"
                     break
-                for k, e in enumerate(ids):
-                    v, raw = results.get(str(e), (None, ""))
-                    if v is None:
-                        r = FetchResult(e, "missing", None, None, a.latency_s, attempts, None)
-                    elif isinstance(v, dict):
-                        r = FetchResult(e, "ok", v, raw, a.latency_s, attempts, None)
-                    else:
-                        bad = "invalid_json"
-                        r = FetchResult(e, "error", None, None, a.latency_s, attempts, bad)
-                    out[lo + k] = r
+                got = [results.get(str(e), _NOT_FOUND) for e in ids]
+                status = [_STATUS_OF.get(type(v), "error") for v, _ in got]
+                out.status[lo:hi] = status
+                out.payload[lo:hi] = [v if st == "ok" else None for (v, _), st in zip(
+                    got, status, strict=True)]
+                out.raw_json[lo:hi] = [t if st == "ok" else None for (_, t), st in zip(
+                    got, status, strict=True)]
+                out.error_kind[lo:hi] = [None if st != "error" else "invalid_json"
+                                         for st in status]
+                self._fill(out, lo, hi, a.latency_s, attempts)
                 return
             if a.status == 404:  # the batch endpoint itself is not there: a config error
                 kind = "http_4xx"
@@ -284,10 +307,15 @@ class ServiceFetcher:
             if not a.retry or attempts > self.config.retries:
                 break
             await self._backoff(attempts)
-        for k, e in enumerate(ids):
-            out[lo + k] = FetchResult(e, "error", None, None, a.latency_s, attempts, kind)
+        out.error_kind[lo:hi] = [kind] * (hi - lo)  # status is "error" from the start
+        self._fill(out, lo, hi, a.latency_s, attempts)
 
-    async def _attempt(self, method: str, url: str, body: dict[str, Any] | None) -> _Answer:
+    @staticmethod
+    def _fill(out: Answers, lo: int, hi: int, latency_s: float, attempts: int) -> None:
+        out.latency_s[lo:hi] = [latency_s] * (hi - lo)
+        out.attempts[lo:hi] = [attempts] * (hi - lo)
+
+    async def _attempt(self, method: str, url: str | URL, body: bytes | None) -> _Answer:
         """One request, holding a concurrency slot and a QPS start."""
         async with self._slots:
             ticket = None if self._limiter is None else await self._limiter.acquire()
@@ -298,8 +326,8 @@ class ServiceFetcher:
             kind: str | None = None
             try:
                 async with self._get_session().request(
-                    method, url, json=body, headers=self._headers, timeout=self._timeout,
-                    trace_request_ctx=ticket,
+                    method, url, data=body, headers=self._headers if body is None else
+                    self._post_headers, timeout=self._timeout, trace_request_ctx=ticket,
                 ) as resp:
                     status = resp.status
                     data = await resp.read()
@@ -371,83 +399,33 @@ class ServiceFetcher:
         }
 
 
+def entity_urls(config: ServiceConfig) -> Callable[[int | str], str | URL]:
+    """``config.entity_url`` as a function giving what aiohttp would make of its string: a
+    ready ``yarl.URL`` for an integer key in the path of a template already in the form yarl
+    gives it, so aiohttp does not parse and encode every URL again (several microseconds a
+    request, at thousands of requests a second); otherwise the string, as before."""
+    probe = config.entity_url("x")
+    try:
+        ready = str(URL(probe)) == probe
+    except ValueError:
+        ready = False
+    if not ready:
+        return config.entity_url
+    parts = urlsplit(config.url)
+    head, hole, tail = parts.path.partition(ENTITY_ID_PLACEHOLDER)
+    if not hole or parts.query or parts.fragment:
+        return config.entity_url  # the key outside the path: yarl treats a query otherwise
+    base = URL(probe)
+
+    def url(e: int | str) -> str | URL:
+        if type(e) is int:  # digits and "-": the same in any encoding
+            return base.with_path(f"{head}{e}{tail}", encoded=True)
+        return config.entity_url(e)  # yarl normalizes some escapes (%3B -> ;): as before
+
+    return url
+
+
 def _json_id(e: int | str) -> int | str:
     if isinstance(e, int) and not isinstance(e, bool) and abs(e) < _JSON_EXACT_INT:
         return e
     return str(e)
-
-
-_DECODER = json.JSONDecoder()
-_WS = re.compile(r"[ \t\n\r]*")
-_scanstring: Any = json.decoder.scanstring  # type: ignore[attr-defined]
-
-
-def _skip(text: str, i: int) -> int:
-    """The position after any JSON whitespace at ``i``."""
-    m = _WS.match(text, i)
-    return i if m is None else m.end()
-
-
-def _batch_results(body: bytes | None) -> dict[str, tuple[Any, str]] | None:
-    """The ``results`` of a batch answer as ``{id: (value, its JSON text)}``, or None when the
-    answer is not ``{"results": {...}}``.
-
-    Each value's text is the slice of the answer it was parsed from, so ``raw_json`` is what the
-    service sent, and no row is serialized again; an answer of another shape (more keys, odd
-    order) falls back to a full parse.
-    """
-    if body is None:
-        return None
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    try:
-        fast = _scan_results(text)
-    except (json.JSONDecodeError, ValueError, IndexError):
-        fast = None
-    if fast is not None:
-        return fast
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    results = doc.get("results") if isinstance(doc, dict) else None
-    if not isinstance(results, dict):
-        return None
-    return {k: (v, json.dumps(v, separators=(",", ":"))) for k, v in results.items()}
-
-
-def _scan_results(text: str) -> dict[str, tuple[Any, str]] | None:
-    """Scan exactly ``{"results": {"<id>": <value>, ...}}``, keeping each value's text."""
-    def expect(i: int, token: str) -> int:
-        i = _skip(text, i)
-        if not text.startswith(token, i):
-            raise ValueError(token)
-        return _skip(text, i + len(token))
-
-    i = expect(0, "{")
-    i = expect(i, '"results"')
-    i = expect(i, ":")
-    i = expect(i, "{")
-    out: dict[str, tuple[Any, str]] = {}
-    if text.startswith("}", i):
-        i += 1
-    else:
-        while True:
-            if not text.startswith('"', i):
-                return None
-            key, i = _scanstring(text, i + 1)
-            i = expect(i, ":")
-            value, end = _DECODER.raw_decode(text, i)
-            out[key] = (value, text[i:end])
-            i = _skip(text, end)
-            if text.startswith(",", i):
-                i = _skip(text, i + 1)
-                continue
-            if text.startswith("}", i):
-                i += 1
-                break
-            return None
-    i = expect(i, "}")
-    return out if i == len(text) else None

@@ -151,6 +151,14 @@ async def test_fetch_answers_the_truth_in_input_order(sim, batch: bool) -> None:
     for service, f in truth.items():
         async with ServiceFetcher(_config(rw, service, batch=batch, batch_size=16)) as fetcher:
             got = await fetcher.fetch(ids)
+            if service == "viewing_history":  # (my_list's request counts are checked below)
+                cols = await fetcher.fetch_answers(ids)
+                assert fetcher.stats()["rows"]["ok"] == 2 * sum(r.status == "ok" for r in got)
+                # The columns a run stages are the same answers as the rows.
+                assert (cols.status, cols.payload, cols.raw_json, cols.attempts,
+                        cols.error_kind) == ([r.status for r in got], [r.payload for r in got],
+                                             [r.raw_json for r in got], [r.attempts for r in got],
+                                             [r.error_kind for r in got])
         expected = f(ids, NOW)
         assert [r.entity for r in got] == ids
         assert [r.status for r in got] == ["missing" if e is None else "ok" for e in expected]
@@ -267,6 +275,68 @@ async def test_invalid_answers(aiohttp_server) -> None:
         got = await fetcher.fetch(["a", "b"])
     assert [(r.status, r.payload, json.loads(r.raw_json)) for r in got] == [
         ("ok", {"id": "a"}, {"id": "a"}), ("ok", {"id": "b"}, {"id": "b"})]
+
+
+async def test_compact_answers_keep_the_services_text_and_big_integers(aiohttp_server) -> None:
+    """Compact JSON (what the world sends) takes the fast parse; its ``raw_json`` is still the
+    service's own text, and an integer beyond 64 bits stays an int (a fast parser would read it
+    as a float, which would change the field's type)."""
+    big = 123456789012345678901234567890
+    rows = {
+        "a": b'{"id":"a","n":1,"x":1.5,"v":[1,{"k":null}],"s":"\\u00e9\xc3\xa9"}',
+        "b": b'{"id":"b","n":%d}' % big,
+        "c": b'{"id":"c","n":-0.0,"x":1e+16}',
+    }
+
+    async def one(request: web.Request) -> web.Response:
+        return web.Response(body=rows[request.match_info["id"]], content_type="application/json")
+
+    async def batch(request: web.Request) -> web.Response:
+        ids = (await request.json())["ids"]
+        items = b",".join(b'"%s":%s' % (i.encode(), rows[i]) for i in ids)
+        return web.Response(body=b'{"results":{' + items + b"}}", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/x/{id}", one)
+    app.router.add_post("/x:batch", batch)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    for batch_url in (None, base + "/x:batch"):
+        config = ServiceConfig(name="x", url=base + "/x/{entity_id}", batch_url=batch_url,
+                               entity_type="string")
+        async with ServiceFetcher(config) as fetcher:
+            got = await fetcher.fetch(["a", "b", "c"])
+        assert [r.status for r in got] == ["ok", "ok", "ok"]
+        assert [r.raw_json for r in got] == [rows[k].decode() for k in "abc"]
+        assert [r.payload for r in got] == [json.loads(rows[k]) for k in "abc"]
+        assert type(got[1].payload["n"]) is int and got[1].payload["n"] == big
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9001/v1/h/{entity_id}", "http://h:1/a/{entity_id}/b.json",
+    "http://user:pw@h:8/p%20q/a;b/{entity_id}", "http://h/x?id={entity_id}", "http://H:80/{entity_id}",
+    "https://h/é/{entity_id}", "http://h/a/{entity_id}?k=v",
+])
+def test_entity_urls_are_what_aiohttp_makes_of_the_strings(url: str) -> None:
+    """The fetcher's ready-made URLs (integer keys in the path) are exactly what aiohttp would
+    have parsed from the config's string; every other case is the string itself."""
+    from yarl import URL
+
+    from snapshotter._fetch import entity_urls
+
+    config = ServiceConfig(name="x", url=url)
+    make = entity_urls(config)
+    for key in (1, -5, 0, 2**63 - 1, "a/b", "é", "x y", "%41", "..", "a;b", "+"):
+        got, want = make(key), URL(config.entity_url(key))
+        if isinstance(got, str):
+            assert got == config.entity_url(key)
+        else:
+            assert isinstance(key, int)
+            assert (str(got), got.raw_path, got.raw_query_string, got.host, got.port,
+                    got.user, got.password) == (str(want), want.raw_path, want.raw_query_string,
+                                                want.host, want.port, want.user, want.password)
+    ready = isinstance(make(1), URL)
+    assert ready == ("?" not in url and "é" not in url and "H:" not in url)
 
 
 # -- the QPS limit ------------------------------------------------------------------------------
