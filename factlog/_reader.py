@@ -38,6 +38,7 @@ from ._dedup import (
 from ._facttypes import FactType, FactTypeCatalog
 from ._parquetio import FooterCache, RowGroupCache, read_files
 from ._partitions import FactFile, Partition, PartitionCache, RecordCache, list_partitions
+from ._scan_one import one_entity_rows
 
 #: Columns a deduplicating scan always reads, whatever was asked for.
 KEY_COLUMNS = ("fact_id", "event_time", "logged_at", "ingested_at", "producer")
@@ -225,6 +226,10 @@ class FactReader:
             try:
                 table = self._read(read, schema, read_cols, ent).combine_chunks()
                 keep = None
+                if dedup and ent is not None and len(ent) == 1:
+                    one = one_entity_rows(table, start_us, end_us, logged_before_us)
+                    if one is not None:  # the same rows, without the general machinery
+                        return table.select(out_cols).take(pa.array(one)), read
                 if dedup:
                     table, keep = self._dedup(ft, schema, read, table, read_cols, ent)
                 break
