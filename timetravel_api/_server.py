@@ -161,6 +161,7 @@ class _Api:
                 ("timetravel_api_row_group_cache_misses", "row-group cache misses since start",
                  lambda: self.row_groups.misses)):
             Gauge(name, doc, registry=registry).set_function(fn)
+        self._timing_children: dict[str, Any] = {}
         self.timings = Histogram(
             "timetravel_api_engine_seconds", "time spent computing answers, by operation",
             ["operation"], registry=registry,
@@ -177,10 +178,16 @@ class _Api:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.timings.labels(op).observe(time.perf_counter() - t0)
+                self._timing(op).observe(time.perf_counter() - t0)
         if inline:
             return timed()
         return await asyncio.get_running_loop().run_in_executor(None, timed)
+
+    def _timing(self, op: str) -> Any:
+        child = self._timing_children.get(op)
+        if child is None:  # a label lookup per request costs more than the observation
+            child = self._timing_children[op] = self.timings.labels(op)
+        return child
 
     def _inline(self, rows: int) -> bool:
         # S3 lists and reads over the network: never block the loop on that
