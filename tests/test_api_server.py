@@ -386,6 +386,26 @@ async def test_unfinished_job_is_requeued_on_start(aiohttp_client: Any, seeded: 
         [0, 2, 3, 3, 1, 0, 1]
 
 
+async def test_a_read_replica_runs_and_requeues_no_jobs(aiohttp_client: Any,
+                                                        seeded: Store) -> None:
+    """``--no-jobs``: an unfinished job stays for the job server; a new one is a 503; any job's
+    state is still answered (it lives in the store)."""
+    write_labels(seeded)
+    doc = {"id": "left-running", "state": "running", "progress": 0.4, "out": "out/r.parquet",
+           "error": None, "labels": "labels/l.parquet", "features": ["play.count.7d"],
+           "knowledge": "event", "created_at": None, "started_at": None, "finished_at": None}
+    seeded.put("jobs/training-sets/left-running.json", json.dumps(doc).encode())
+    c = await aiohttp_client(make(seeded, jobs=False))
+    resp = await c.post("/v1/training-sets", headers=W, json={
+        "labels": "labels/l.parquet", "features": ["play.count.7d"], "out": "out/x.parquet"})
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "jobs_disabled"
+    await asyncio.sleep(0.3)
+    got = await (await c.get("/v1/training-sets/left-running", headers=R)).json()
+    assert got["state"] == "running" and got["progress"] == 0.4
+    assert not seeded.exists("out/r.parquet") and not seeded.exists("out/x.parquet")
+    assert (await (await c.get("/healthz")).json())["jobs_active"] == 0
+
+
 async def test_job_request_errors_and_limit(aiohttp_client: Any, seeded: Store) -> None:
     write_labels(seeded)
     c = await aiohttp_client(make(seeded, max_jobs=1))

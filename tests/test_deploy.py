@@ -510,7 +510,11 @@ def test_only_one_single_replica_api_serves_training_set_jobs(
                if any(ttstore.WRITE in p.scopes for p in _tokens_of(c, ns).values())]
     # POST /v1/training-sets needs `write`: only the job-serving replica accepts it.
     assert len(writers) == 1, [c.where for c, _ in writers]
-    jobs, _ = writers[0]
+    jobs, jobs_ns = writers[0]
+    assert not jobs_ns.no_jobs, f"{jobs.where}: the job server runs with --no-jobs"
+    for c, ns in apis:
+        # every other server must neither run nor re-queue jobs at start
+        assert c is jobs or ns.no_jobs, f"{c.where}: a read replica without --no-jobs"
     assert jobs.workload["kind"] == "Deployment"
     assert jobs.workload["spec"]["replicas"] == 1
     # Every starting server re-queues unfinished jobs: the old pod must be gone first.

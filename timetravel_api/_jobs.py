@@ -60,6 +60,13 @@ class TooManyJobs(TimetravelApiError):
     http_status = 429
 
 
+class JobsDisabled(TimetravelApiError):
+    """This server was started with ``--no-jobs`` (503): send the job to the job server."""
+
+    code = "jobs_disabled"
+    http_status = 503
+
+
 class JobNotFound(TimetravelApiError):
     """No training-set job with that id (404)."""
 

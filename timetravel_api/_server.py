@@ -72,7 +72,7 @@ from ._codec import (
     table_to_json_rows,
 )
 from ._errors import TimetravelApiError
-from ._jobs import JobManager, JobRequest, public_status
+from ._jobs import JobManager, JobRequest, JobsDisabled, public_status
 from ._resolve import FeatureResolver
 
 DEFAULT_PORT = 8080
@@ -106,6 +106,10 @@ class ApiConfig:
         max_body_bytes: larger request bodies get 413 ``body_too_large``.
         max_rows: more query rows in one request get 413 ``too_many_rows``.
         max_jobs: training-set jobs queued or running at once; one more gets 429.
+        jobs: whether this server runs training-set jobs (and re-queues, when it starts, those
+            a previous server left unfinished). Run exactly one job server per store; the
+            others (read replicas) answer a new job with 503 ``jobs_disabled`` and still report
+            any job's state, which lives in the store.
         cache_bytes: memory budget for decoded immutable objects (snapshot objects and fact
             row groups) kept between requests.
         workers: engine worker processes for large requests (None: the engine's default).
@@ -119,6 +123,7 @@ class ApiConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_rows: int = DEFAULT_MAX_ROWS
     max_jobs: int = DEFAULT_MAX_JOBS
+    jobs: bool = True
     cache_bytes: int = DEFAULT_CACHE_BYTES
     workers: int | None = None
     watermark_cache_s: float = DEFAULT_WATERMARK_CACHE_S
@@ -309,6 +314,9 @@ class _Api:
 
     # -- training sets ---------------------------------------------------------------------------
     async def post_training_set(self, request: web.Request) -> web.Response:
+        if not self.config.jobs:
+            raise JobsDisabled("this server runs no training-set jobs (--no-jobs); send them "
+                               "to the store's job server")
         req = JobRequest.from_json(await read_json(request))
         doc = await self._off_loop("training_set_submit", self.jobs.submit, req)
         return json_response(public_status(doc), status=202)
@@ -440,7 +448,8 @@ def make_api_app(
         finally:
             await loop.run_in_executor(None, jobs.close)
 
-    app.cleanup_ctx.append(jobs_ctx)
+    if config.jobs:
+        app.cleanup_ctx.append(jobs_ctx)
     return app
 
 
@@ -506,7 +515,8 @@ def _non_negative(text: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     auth = auth_from_args(args)  # refuse to start without auth before touching anything
     config = ApiConfig(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
-                       max_jobs=args.max_jobs, cache_bytes=args.cache_bytes,
+                       max_jobs=args.max_jobs, jobs=not args.no_jobs,
+                       cache_bytes=args.cache_bytes,
                        workers=args.workers, watermark_cache_s=args.watermark_cache_s)
     app = make_api_app(store=open_store(args), auth=auth, clock=clock_from_now(args.now),
                        repo=args.repo, config=config)
@@ -526,6 +536,10 @@ def register_cli(asub: Any) -> None:
                    help=f"query rows per request; more get 413 (default {DEFAULT_MAX_ROWS})")
     p.add_argument("--max-jobs", type=positive_int, default=DEFAULT_MAX_JOBS, metavar="N",
                    help=f"training-set jobs at once; more get 429 (default {DEFAULT_MAX_JOBS})")
+    p.add_argument("--no-jobs", action="store_true",
+                   help="run no training-set jobs and re-queue none at start (a read replica: "
+                   "POST /v1/training-sets answers 503 jobs_disabled); run one job server per "
+                   "store")
     p.add_argument("--cache-bytes", type=_non_negative, default=DEFAULT_CACHE_BYTES,
                    metavar="N", help="memory budget for cached immutable data (default "
                    f"{DEFAULT_CACHE_BYTES})")
