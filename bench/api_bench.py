@@ -119,7 +119,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes]) -> None:
 
 def run(quick: bool) -> list[Result]:
     n_facts, n_entities = (300_000, 10_000) if quick else (3_000_000, 100_000)
-    warm_s, measure_s = (3, 10) if quick else (5, 30)
+    warm_s, measure_s = (2, 6) if quick else (5, 30)
     tmp = Path(tempfile.mkdtemp(prefix="tt-api-bench-"))
     say(f"generating {n_facts:,} facts over {n_entities:,} entities (compacted)")
     generate_facts(Store(str(tmp / "store")), n_facts, n_entities)
@@ -137,7 +137,7 @@ def run(quick: bool) -> list[Result]:
         run_loadgen(base, rate=RATE_PER_S, n=RATE_PER_S * warm_s, entities=n_entities, seed=7,
                     out=tmp / "warm.json")
         say("closed loop: one request at a time")
-        seq = run_loadgen(base, rate=0, n=500 if quick else 2000, entities=n_entities, seed=9,
+        seq = run_loadgen(base, rate=0, n=300 if quick else 2000, entities=n_entities, seed=9,
                           out=tmp / "seq.json")
         say(f"measuring {measure_s}s at {RATE_PER_S}/s")
         cpu0 = _cpu_s(proc.pid)
