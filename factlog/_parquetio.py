@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,12 +72,32 @@ class IndexedGroup:
         keys: the distinct entity keys, sorted (int64, or an object array of str).
         starts: ``starts[i]:starts[i + 1]`` are the rows of ``keys[i]``.
         nbytes: what it holds in memory, for the cache budget.
+        names: the columns it holds.
     """
 
     batch: pa.RecordBatch
     keys: np.ndarray
     starts: np.ndarray
     nbytes: int
+    names: tuple[str, ...] = ()
+    #: column subsets of ``batch`` asked for so far (zero-copy: they share its buffers)
+    _views: dict[tuple[str, ...], pa.RecordBatch] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def covers(self, columns: Sequence[str]) -> bool:
+        return all(c in self.names for c in columns)
+
+    def view(self, columns: tuple[str, ...]) -> IndexedGroup:
+        """The same rows with only ``columns``, in that order (memoized; thread-safe enough:
+        a race builds the same view twice)."""
+        if columns == self.names:
+            return self
+        hit = self._views.get(columns)
+        if hit is None:
+            if len(self._views) >= 16:
+                self._views.clear()
+            hit = self._views[columns] = self.batch.select(list(columns))
+        return IndexedGroup(hit, self.keys, self.starts, 0, columns)
 
     @classmethod
     def build(cls, table: pa.Table, entity: str) -> IndexedGroup:
@@ -98,7 +118,7 @@ class IndexedGroup:
             extra += sum(len(k) for k in keys.tolist()) + 56 * len(keys)
         batches = table.to_batches()
         batch = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
-        return cls(batch, keys, starts, table.nbytes + extra)
+        return cls(batch, keys, starts, table.nbytes + extra, tuple(table.schema.names))
 
     def take(self, wanted: np.ndarray) -> pa.RecordBatch | None:
         """The rows of the ``wanted`` keys (sorted), in key order; None when it has none."""
@@ -138,33 +158,48 @@ class RowGroupCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[tuple[str, int, tuple[str, ...]], IndexedGroup] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int], IndexedGroup] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, fs: Any, footer: _Footer, key: str, group: int, schema: pa.Schema,
             columns: tuple[str, ...], entity: str) -> IndexedGroup:
-        k = (key, group, columns)
+        """Row group ``group`` of ``key`` with at least ``columns`` (it may hold more: one
+        decoded copy per row group serves every column set; a request for a column it lacks
+        reads the group again with both sets and replaces it)."""
+        k = (key, group)
         with self._lock:
             hit = self._items.get(k)
-            if hit is not None:
+            if hit is not None and hit.covers(columns):
                 self._items.move_to_end(k)
                 self.hits += 1
                 return hit
             self.misses += 1
+        need = columns if hit is None else tuple(dict.fromkeys((*hit.names, *columns)))
         frag = footer.fragment.subset(row_group_ids=[group])
         table = ds.FileSystemDataset([frag], schema, _PARQUET, fs).to_table(
-            columns=list(columns), use_threads=False)
+            columns=list(need), use_threads=False)
         grp = IndexedGroup.build(table, entity)
         if grp.nbytes > self.max_bytes:
             return grp
         with self._lock:
-            if k not in self._items:
+            old = self._items.get(k)
+            if old is None or not old.covers(need):
+                if old is not None:
+                    self.bytes -= old.nbytes
                 self._items[k] = grp
                 self.bytes += grp.nbytes
+            self._items.move_to_end(k)
             while self.bytes > self.max_bytes and self._items:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.nbytes
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.nbytes
         return grp
+
+    def holds(self, key: str, group: int, columns: Sequence[str]) -> bool:
+        """Whether row group ``group`` of ``key`` is kept with ``columns`` (not counted as a
+        hit or a miss)."""
+        with self._lock:
+            hit = self._items.get((key, group))
+            return hit is not None and hit.covers(columns)
 
 
 @dataclass(frozen=True)
@@ -225,13 +260,43 @@ def _cached_rows(
     for j in np.flatnonzero(hi > lo).tolist():
         i, g = int(idx.file_of[j]), int(idx.group_of[j])
         grp = row_groups.get(fs, idx.footers[i], files[i].key, g, schema, read_cols, entity)
-        b = grp.take(wanted[lo[j]:hi[j]])
+        # a group may hold more columns than asked for (see RowGroupCache.get)
+        b = grp.view(read_cols).take(wanted[lo[j]:hi[j]])
         if b is not None and b.num_rows:
             pieces.append(b)
     if not pieces:
         return schema.empty_table().select(list(cols))
     batch = pa.concat_batches(pieces) if len(pieces) > 1 else pieces[0]
     return pa.Table.from_batches([batch]).select(list(cols))
+
+
+def warm_row_groups(
+    store: Store, files: Sequence[FactFile], schema: pa.Schema, entity: str, *,
+    cache: FooterCache, row_groups: RowGroupCache, full_at: int,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Decode every row group of ``files`` (every column of ``schema``) into ``row_groups``, in
+    order, until it holds ``full_at`` bytes or ``stop()``; files without entity statistics are
+    skipped (reads of those never use the cache). Returns how many groups it decoded."""
+    fs, root = store.arrow_filesystem()
+    columns = tuple(schema.names)
+    loaded = 0
+    try:
+        for f in files:
+            footer = cache.get(fs, f"{root}/{f.key}", f.key, entity)
+            if footer.mins is None:
+                continue
+            for g in range(len(footer.mins)):
+                if stop() or row_groups.bytes >= full_at:
+                    return loaded
+                if not row_groups.holds(f.key, g, columns):
+                    row_groups.get(fs, footer, f.key, g, schema, columns, entity)
+                    loaded += 1
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _translate(exc) from exc
+    return loaded
 
 
 def _load(fs: Any, path: str, entity: str) -> _Footer:

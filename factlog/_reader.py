@@ -19,7 +19,7 @@ and compaction (one partition at a time) cannot merge them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from ._dedup import (
     nulls_first,
 )
 from ._facttypes import FactType, FactTypeCatalog
-from ._parquetio import FooterCache, RowGroupCache, read_files
+from ._parquetio import FooterCache, RowGroupCache, read_files, warm_row_groups
 from ._partitions import FactFile, Partition, PartitionCache, RecordCache, list_partitions
 from ._scan_one import one_entity_rows
 
@@ -120,6 +120,37 @@ class FactReader:
         self.fact_type(fact_type)
         return [f for p in self.partitions(fact_type, start_us=start_us, end_us=end_us)
                 for f in p.live]
+
+    def warm(self, *, fill: float = 0.9, stop: Callable[[], bool] = lambda: False) -> int:
+        """Decode row groups of every declared fact type into :attr:`row_groups` ahead of the
+        first lookups, newest date partitions first (the dates online lookups read most), all
+        fact types of one date before the next older date, until the cache is ``fill`` full or
+        ``stop()``. Returns how many row groups it decoded (0 without a row-group cache).
+
+        Raises:
+            StoreUnavailable: the store could not be read.
+        """
+        cache = self.row_groups
+        if cache is None or cache.max_bytes <= 0:
+            return 0
+        work = []
+        for name in self.catalog.names():
+            ft = self.fact_type(name)
+            for p in self.partitions(name):
+                work.append((p.day, name, ft, p.live))
+        work.sort(key=lambda w: (-w[0], w[1]))
+        loaded = 0
+        for _, _, ft, files in work:
+            if stop() or cache.bytes >= fill * cache.max_bytes:
+                break
+            try:
+                loaded += warm_row_groups(
+                    self.store, files, self._stored_schema(ft), ft.entity_name,
+                    cache=self._footers, row_groups=cache, full_at=int(fill * cache.max_bytes),
+                    stop=stop)
+            except FileNotFoundError:  # replaced and deleted since the listing: skip it
+                continue
+        return loaded
 
     def conflicts(
         self, fact_type: str, *, start_us: int | None = None, end_us: int | None = None

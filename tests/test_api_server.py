@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from factlog import FactReader
 from tests.api_helpers import (
     ARROW,
     BIG,
@@ -32,7 +33,7 @@ from tests.factdata import DAY, T0, H
 from timetravel_api._codec import arrow_from_ipc
 from timetravel_api._engine import Engine
 from timetravel_api._server import ApiConfig, make_api_app
-from ttstore import TIMESTAMP_TYPE, Store, format_timestamp
+from ttstore import TIMESTAMP_TYPE, Store, StoreUnavailable, format_timestamp
 
 
 def make(store: Store, **config: Any) -> Any:
@@ -404,6 +405,46 @@ async def test_a_read_replica_runs_and_requeues_no_jobs(aiohttp_client: Any,
     assert got["state"] == "running" and got["progress"] == 0.4
     assert not seeded.exists("out/r.parquet") and not seeded.exists("out/x.parquet")
     assert (await (await c.get("/healthz")).json())["jobs_active"] == 0
+
+
+async def _warm_cache(c: Any) -> dict[str, Any]:
+    for _ in range(200):
+        cache: dict[str, Any] = (await (await c.get("/healthz")).json())["row_group_cache"]
+        if cache["warm"] != "running":
+            return cache
+        await asyncio.sleep(0.05)
+    raise AssertionError("the row-group cache never finished warming")
+
+
+async def test_the_server_warms_its_row_group_cache_at_start(aiohttp_client: Any,
+                                                             seeded: Store) -> None:
+    c = await aiohttp_client(make(seeded))
+    cache = await _warm_cache(c)
+    assert cache["warm"] == "done" and cache["warmed_groups"] > 0
+    assert cache["misses"] == cache["warmed_groups"] and 0 < cache["bytes"] <= cache["max_bytes"]
+    resp = await c.get(f"/v1/features/1?at={format_timestamp(T0 + 6 * DAY)}"
+                       "&features=play.secs.last,play.count.7d", headers=R)
+    assert resp.status == 200
+    after = await _warm_cache(c)
+    assert after["misses"] == cache["misses"] and after["hits"] > cache["hits"]
+    # off by config, and with no cache to fill
+    for config in ({"warm": False}, {"cache_bytes": 0}):
+        c2 = await aiohttp_client(make(seeded, **config))
+        assert (await _warm_cache(c2))["warm"] == "off"
+
+
+async def test_a_failed_warm_leaves_a_working_server(aiohttp_client: Any, seeded: Store,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(self: Any, **_: Any) -> int:
+        raise StoreUnavailable("store down")
+
+    monkeypatch.setattr(FactReader, "warm", unreadable)
+    c = await aiohttp_client(make(seeded))
+    assert (await _warm_cache(c))["warm"] == "failed"
+    resp = await c.get(f"/v1/features/1?at={format_timestamp(T0 + 6 * DAY)}"
+                       "&features=play.secs.last", headers=R)
+    assert resp.status == 200
+    assert (await resp.json())["features"]["play.secs.last"] == 4.0
 
 
 async def test_job_request_errors_and_limit(aiohttp_client: Any, seeded: Store) -> None:

@@ -14,7 +14,7 @@ from factlog import FactReader, FactTypeCatalog, Heartbeat
 from factlog._heartbeat import WatermarkCache
 from factlog._parquetio import RowGroupCache
 from factlog._partitions import FactFile
-from tests.api_helpers import add_late_object, seed
+from tests.api_helpers import BIG, add_late_object, seed
 from tests.factdata import DAY, PLAY, T0, H, write_facts
 from timetravel_api import Engine
 from timetravel_api._server import ApiConfig
@@ -143,3 +143,70 @@ def test_fact_only_names_do_not_list_snapshot_runs(
     assert res.values.to_pylist() == [{"play.secs.last": 4.0}] and listed == []
     res = engine.features([1], T0 + 8 * H, ["snapshot.history.count"])
     assert res.values.to_pylist() == [{"snapshot.history.count": 3}] and listed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal tables, NaN equal to NaN (``Table.equals`` says NaN != NaN)."""
+    return bool(a.schema == b.schema and repr(a.to_pylist()) == repr(b.to_pylist()))
+
+
+def _cached_engine(store: Store, max_bytes: int) -> Engine:
+    engine = Engine(store, clock=ManualClock(T0 + 20 * DAY), workers=1)
+    engine.facts.row_groups = RowGroupCache(max_bytes=max_bytes)
+    return engine
+
+
+def test_one_decoded_copy_of_a_row_group_serves_every_column_set(local_store: Store) -> None:
+    seed(local_store)
+    engine = _cached_engine(local_store, 1 << 24)
+    cache = engine.facts.row_groups
+    assert cache is not None
+    plain = Engine(local_store, clock=ManualClock(T0 + 20 * DAY), workers=1)
+    first, second = ["play.secs.last"], ["play.video_id.last", "play.secs.sum.7d"]
+    for names in (first, second, first):
+        got = engine.features([1, 3], T0 + 6 * DAY, names)
+        assert _same(got.values, plain.features([1, 3], T0 + 6 * DAY, names).values)
+    # second asked for a column the groups lacked: each was read again with both sets and
+    # replaced (one entry per group, bytes as kept); first then hit the wider copies
+    groups = len(cache._items)
+    assert groups and cache.bytes == sum(g.nbytes for g in cache._items.values())
+    assert all({"secs", "video_id"} <= set(g.names) for g in cache._items.values())
+    misses = cache.misses
+    engine.features([1, 3], T0 + 6 * DAY, first)
+    assert cache.misses == misses
+
+
+def test_warm_decodes_newest_dates_first_until_the_budget(local_store: Store) -> None:
+    seed(local_store)
+    full = _cached_engine(local_store, 1 << 26)
+    assert full.facts.warm() > 0
+    cache = full.facts.row_groups
+    assert cache is not None
+    schema_cols = {n: set(full.facts.fact_type(n).arrow_schema().names) for n in ("play", "page")}
+    assert all(set(g.names) == schema_cols["play"] or set(g.names) == schema_cols["page"]
+               for g in cache._items.values())
+    assert full.facts.warm() == 0  # everything is held already
+    sizes = {k: g.nbytes for k, g in cache._items.items()}
+    # warmed, every lookup hits, and answers are those of an engine without a cache
+    plain = Engine(local_store, clock=ManualClock(T0 + 20 * DAY), workers=1)
+    misses = cache.misses
+    names = ["play.secs.last", "play.count.7d", "play.tag.last"]
+    for at in (T0 + 2 * H, T0 + 6 * DAY):
+        got = full.features([1, BIG], at, names)
+        assert _same(got.values, plain.features([1, BIG], at, names).values)
+    assert cache.misses == misses
+
+    # a budget for about one group: the newest date's is the one decoded
+    newest = max(sizes, key=lambda k: _date_of(k[0]))
+    small = _cached_engine(local_store, int(sizes[newest] / 0.9) + 1)
+    assert small.facts.warm() >= 1
+    assert small.facts.row_groups is not None
+    kept = list(small.facts.row_groups._items)
+    assert kept[0][0] == newest[0] or _date_of(kept[0][0]) == _date_of(newest[0])
+
+    stopped = _cached_engine(local_store, 1 << 26)
+    assert stopped.facts.warm(stop=lambda: True) == 0
+
+
+def _date_of(key: str) -> str:
+    return key.split("date=")[1].split("/")[0]

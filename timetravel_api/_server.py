@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ class ApiConfig:
             any job's state, which lives in the store.
         cache_bytes: memory budget for decoded immutable objects (snapshot objects and fact
             row groups) kept between requests.
+        warm: at start, decode fact row groups into the cache in the background, newest date
+            partitions first, until it is 90% full (``/healthz`` reports the progress), so the
+            first lookups of each row group do not pay for decoding it.
         workers: engine worker processes for large requests (None: the engine's default).
         watermark_cache_s: how long one reading of the producer heartbeats is reused for the
             completeness flag (0: read them for every request). A cached watermark can only be
@@ -125,6 +129,7 @@ class ApiConfig:
     max_jobs: int = DEFAULT_MAX_JOBS
     jobs: bool = True
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    warm: bool = True
     workers: int | None = None
     watermark_cache_s: float = DEFAULT_WATERMARK_CACHE_S
 
@@ -166,6 +171,9 @@ class _Api:
                 ("timetravel_api_row_group_cache_misses", "row-group cache misses since start",
                  lambda: self.row_groups.misses)):
             Gauge(name, doc, registry=registry).set_function(fn)
+        #: the start-up warming of the row-group cache: off, running, done or failed
+        self.warm_state = "running" if config.warm and config.cache_bytes else "off"
+        self.warmed_groups = 0
         self._timing_children: dict[str, Any] = {}
         self.timings = Histogram(
             "timetravel_api_engine_seconds", "time spent computing answers, by operation",
@@ -202,7 +210,22 @@ class _Api:
         rg = self.row_groups
         return {"service": "api", "jobs_active": self.jobs.active(),
                 "row_group_cache": {"bytes": rg.bytes, "max_bytes": rg.max_bytes,
-                                    "hits": rg.hits, "misses": rg.misses}}
+                                    "hits": rg.hits, "misses": rg.misses,
+                                    "warm": self.warm_state,
+                                    "warmed_groups": self.warmed_groups}}
+
+    def warm(self, stop: threading.Event) -> None:
+        """Fill the row-group cache (see :attr:`ApiConfig.warm`); run in its own thread."""
+        t0 = time.monotonic()
+        try:
+            self.warmed_groups = self.facts.warm(stop=stop.is_set)
+        except Exception as exc:  # noqa: BLE001 - a cold cache is slower, never wrong
+            self.warm_state = "failed"
+            log.warning("could not warm the row-group cache: %s", exc)
+            return
+        self.warm_state = "done"
+        log.info("row-group cache warm: %d row groups, %.0f MB, in %.1f s", self.warmed_groups,
+                 self.row_groups.bytes / 1e6, time.monotonic() - t0)
 
     # -- features --------------------------------------------------------------------------------
     def _compute(self, req: FeatureRequest) -> tuple[pa.Array, Any, frozenset[str]]:
@@ -448,8 +471,21 @@ def make_api_app(
         finally:
             await loop.run_in_executor(None, jobs.close)
 
+    async def warm_ctx(app: web.Application) -> AsyncIterator[None]:
+        stop = threading.Event()
+        thread = threading.Thread(target=api.warm, args=(stop,), name="row-group-warm",
+                                  daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+
     if config.jobs:
         app.cleanup_ctx.append(jobs_ctx)
+    if api.warm_state == "running":
+        app.cleanup_ctx.append(warm_ctx)
     return app
 
 
@@ -516,7 +552,7 @@ def _serve(args: argparse.Namespace) -> int:
     auth = auth_from_args(args)  # refuse to start without auth before touching anything
     config = ApiConfig(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
                        max_jobs=args.max_jobs, jobs=not args.no_jobs,
-                       cache_bytes=args.cache_bytes,
+                       cache_bytes=args.cache_bytes, warm=not args.no_warm,
                        workers=args.workers, watermark_cache_s=args.watermark_cache_s)
     app = make_api_app(store=open_store(args), auth=auth, clock=clock_from_now(args.now),
                        repo=args.repo, config=config)
@@ -543,6 +579,10 @@ def register_cli(asub: Any) -> None:
     p.add_argument("--cache-bytes", type=_non_negative, default=DEFAULT_CACHE_BYTES,
                    metavar="N", help="memory budget for cached immutable data (default "
                    f"{DEFAULT_CACHE_BYTES})")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not fill the row-group cache at start (by default a background "
+                   "thread decodes fact row groups, newest dates first, until the cache is 90%% "
+                   "full; /healthz shows row_group_cache.warm)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="engine worker processes for large requests (default: the engine's)")
     p.add_argument("--watermark-cache-s", type=_seconds, default=DEFAULT_WATERMARK_CACHE_S,
