@@ -33,7 +33,9 @@ SEED = 7
 _CHILD = """
 import json, resource, sys, time
 from snapshotter import SnapshotRunner, load_services
+from snapshotter._run import use_system_allocator
 from ttstore import ManualClock, Store, parse_timestamp
+use_system_allocator()  # as `timetravel snapshot run` does
 now = parse_timestamp(sys.argv[3], field="slot")
 runner = SnapshotRunner(Store(sys.argv[1]), load_services(sys.argv[2]), clock=ManualClock(now))
 t0 = time.perf_counter()

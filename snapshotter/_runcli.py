@@ -26,7 +26,7 @@ from ttstore import (
 
 from ._errors import InvalidRunOption
 from ._manifest import ManifestCache, pending_runs
-from ._run import DEFAULT_CHUNK_SIZE, SnapshotRunner, parse_shard
+from ._run import DEFAULT_CHUNK_SIZE, SnapshotRunner, parse_shard, use_system_allocator
 from ._schedule import Cadence, Scheduler, committed_slots_of
 from ._stage import ChunkEvent
 
@@ -175,6 +175,7 @@ def _default_slot(args: argparse.Namespace, clock: Clock) -> int:
 
 def _runner(args: argparse.Namespace, store: Store, clock: Clock, stop: threading.Event,
             on_chunk: Callable[[ChunkEvent], None]) -> SnapshotRunner:
+    use_system_allocator()
     return SnapshotRunner(store, _services(args), clock=clock, chunk_size=args.chunk_size,
                           on_chunk=on_chunk, stop=stop)
 

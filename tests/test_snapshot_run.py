@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -540,3 +541,23 @@ def test_a_slot_after_now_is_refused(local_store):
     with pytest.raises(InvalidRunOption, match="after now"):
         runner(local_store, fleet, clock=ManualClock(T0)).run(T0 + 3600 * US_PER_S)
     assert local_store.list("snapshots/runs") == []
+
+
+@pytest.fixture
+def restore_pool() -> Any:
+    pool = pa.default_memory_pool()
+    yield
+    pa.set_memory_pool(pool)
+
+
+def test_runs_use_the_system_allocator_unless_the_operator_chose(
+        restore_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapshotter._run import use_system_allocator  # noqa: PLC0415
+
+    pa.set_memory_pool(pa.mimalloc_memory_pool())
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    use_system_allocator()
+    assert pa.default_memory_pool().backend_name == "mimalloc"
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
+    use_system_allocator()
+    assert pa.default_memory_pool().backend_name == "system"
