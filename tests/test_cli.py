@@ -47,3 +47,16 @@ def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "--members" in r.stderr
 
+
+
+def test_options_must_be_spelled_out(capsys: pytest.CaptureFixture[str]) -> None:
+    """No command takes an abbreviated option (``--cache`` for ``--cache-bytes``)."""
+    for argv in (["api", "serve", "--no-auth", "--cache", "1"],
+                 ["snapshot", "run", "--sel", "x"],
+                 ["demo", "--memb", "10"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err, argv
+    ns = build_parser().parse_args(["api", "serve", "--no-auth", "--cache-bytes", "1"])
+    assert ns.cache_bytes == 1

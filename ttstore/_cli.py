@@ -67,7 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         register: Callable[[Any], None] = ep.load()
         register(sub)
+    _full_names_only(parser)
     return parser
+
+
+def _full_names_only(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated options in every (sub)command: argparse takes any unambiguous prefix
+    by default, so a script or manifest written with ``--cache`` would silently change meaning
+    (or stop parsing) the day another option starting with ``--cache`` is added."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _full_names_only(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
