@@ -55,6 +55,8 @@ def use_system_allocator() -> None:
     (``bench/snapshot_bench``: 285 against 243 MB at a million contexts)."""
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         pa.set_memory_pool(pa.system_memory_pool())
+
+
 RunState = Literal["committed", "already_committed", "waiting_for_shards"]
 FetcherFactory = Callable[[Any, float], Any]
 
