@@ -139,15 +139,15 @@ class FactReader:
             for p in self.partitions(name):
                 work.append((p.day, name, ft, p.live))
         work.sort(key=lambda w: (-w[0], w[1]))
+        full_at = int(fill * cache.max_bytes)
         loaded = 0
         for _, _, ft, files in work:
-            if stop() or cache.bytes >= fill * cache.max_bytes:
+            if stop() or cache.bytes >= full_at:
                 break
             try:
                 loaded += warm_row_groups(
                     self.store, files, self._stored_schema(ft), ft.entity_name,
-                    cache=self._footers, row_groups=cache, full_at=int(fill * cache.max_bytes),
-                    stop=stop)
+                    cache=self._footers, row_groups=cache, full_at=full_at, stop=stop)
             except FileNotFoundError:  # replaced and deleted since the listing: skip it
                 continue
         return loaded
