@@ -73,3 +73,41 @@ def test_unknown_module_names_are_a_usage_error(tmp_path: Path) -> None:
         main(["--only", "nope", "--out", str(tmp_path / "r.json")])
     assert exc.value.code == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_load_generator_answers_and_send_lateness() -> None:
+    """The API benchmark's load generator, open loop against a canned HTTP server: every
+    answer is counted, and each request's send time after its schedule is reported."""
+    import asyncio
+
+    from bench._loadgen import run, run_load
+
+    body = b'{"features": {}}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(answer)
+                await writer.drain()
+        except asyncio.IncompleteReadError:  # the generator closed its connection
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> dict[str, object]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        try:
+            return await run_load("127.0.0.1", port, [req] * 40, rate=400,
+                                  ok=lambda status, b: status == 200 and b == body)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    res = run(main())
+    lat, late = res["lat_ns"], res["late_ns"]
+    assert isinstance(lat, list) and isinstance(late, list)
+    assert res["errors"] == {} and len(lat) == len(late) == 40
+    assert min(lat) > 0 and min(late) >= 0
