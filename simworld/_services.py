@@ -193,23 +193,36 @@ def window_figures(ts: np.ndarray) -> dict[str, Any]:
 
 
 class _Coalescer:
-    """Answers per-entity GETs of one service together: requests that are ready in the same
-    event-loop turn become one vectorized truth call (a busy server batches more, which is
-    when it helps)."""
+    """Answers per-entity GETs of one service together, inside their simulated latency.
+
+    A request is submitted when it arrives, with the time its answer is due (arrival plus its
+    latency draw). The truth is computed when the earliest due time among the waiting requests
+    comes, for every request waiting then, in one vectorized call; each answer is still sent at
+    its own due time. So an answer shows the state at an instant between the request's arrival
+    and its answer, as a real service's read would, and the world computes its truth in batches
+    of the requests in flight (a handful to dozens) rather than one or two at a time: the truth
+    is most of the world's CPU, which it shares with the snapshot run it serves.
+    """
 
     def __init__(self, truth: Callable[[World, np.ndarray, int], list[Answer]]) -> None:
         self.truth = truth
         self.pending: list[tuple[int, asyncio.Future[Answer]]] = []
+        self._flush_at: asyncio.TimerHandle | None = None
 
-    async def get(self, state: SimState, member: int) -> Answer:
+    def submit(self, state: SimState, member: int, due: float) -> asyncio.Future[Answer]:
+        """The answer for ``member``, computed at the latest at ``due`` (``loop.time()``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Answer] = loop.create_future()
-        if not self.pending:
-            loop.call_soon(self._flush, state)
         self.pending.append((member, fut))
-        return await fut
+        at = self._flush_at
+        if at is None or due < at.when():
+            if at is not None:
+                at.cancel()
+            self._flush_at = loop.call_at(due, self._flush, state)
+        return fut
 
     def _flush(self, state: SimState) -> None:
+        self._flush_at = None
         batch, self.pending = self.pending, []
         try:
             answers = self.truth(
@@ -299,21 +312,24 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
-async def _enter(state: SimState, service: str, *, ids: int, batch: bool) -> web.Response | None:
-    """Count the start, then apply the service's faults: a response to send instead, or None."""
+def _arrive(state: SimState, service: str, *, ids: int, batch: bool) -> float:
+    """Count a request's start; returns its latency draw in seconds."""
     c = state.counts[service]
     c.starts.append(time.time())
     c.ids_requested += ids
     c.batch_requests += batch
+    return state.faults[service].latency_s(state.rng)
+
+
+async def _fault(state: SimState, service: str) -> web.Response | None:
+    """Apply the service's faults once its latency has passed: a response to send instead of
+    the answer, or None."""
     f = state.faults[service]
-    delay = f.latency_s(state.rng)
-    if delay > 0:
-        await asyncio.sleep(delay)
     if f.down:
         return _error(503, "unavailable", f"{service} is down (simulated)")
     u = state.rng.random()
     if u < f.timeout_rate:
-        c.hangs += 1
+        state.counts[service].hangs += 1
         try:
             await asyncio.wait_for(state.shutdown.wait(), f.hang_s)
         except TimeoutError:
@@ -322,6 +338,15 @@ async def _enter(state: SimState, service: str, *, ids: int, batch: bool) -> web
     if u < f.timeout_rate + f.error_rate:
         return _error(500, "internal", f"{service} failed (simulated)")
     return None
+
+
+async def _enter(state: SimState, service: str, *, ids: int, batch: bool) -> web.Response | None:
+    """Count the start, wait out the latency, then apply the faults: a response to send instead,
+    or None."""
+    delay = _arrive(state, service, ids=ids, batch=batch)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return await _fault(state, service)
 
 
 def _count(state: SimState, service: str, resp: web.Response) -> web.Response:
@@ -368,12 +393,23 @@ def _entity_handlers(service: str) -> tuple[Callable[..., Any], Callable[..., An
             c.in_flight -= 1
 
     async def _get_one(request: web.Request, state: SimState) -> web.Response:
-        fault = await _enter(state, service, ids=1, batch=False)
-        if fault is not None:
-            return _count(state, service, fault)
+        delay = _arrive(state, service, ids=1, batch=False)
         raw = request.match_info["entity_id"]
         m = _parse_id(raw)
-        answer = None if m is None else await state.coalescers[service].get(state, m)
+        due = asyncio.get_running_loop().time() + delay
+        fut = None if m is None else state.coalescers[service].submit(state, m, due)
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            fault = await _fault(state, service)
+            if fault is not None:
+                return _count(state, service, fault)
+            answer = None if fut is None else await fut
+        finally:
+            if fut is not None and not fut.done():
+                fut.cancel()  # cancelled or faulted: the flush skips it
+            elif fut is not None and not fut.cancelled():
+                fut.exception()  # retrieved, so asyncio does not log it as lost
         if answer is None:
             return _count(state, service, _error(404, "not_found", f"no member {raw!r}"))
         return _count(state, service, _json(answer))

@@ -270,6 +270,62 @@ def test_faults_error_rate_down_and_counters(world_server) -> None:
     assert _get(f"{rw.url}/v1/profile/3") == (200, w.profile(3, rw.control.now_us()))
 
 
+def test_per_entity_gets_in_flight_share_truth_calls_and_get_the_truth(world_server) -> None:
+    """Concurrent GETs within their simulated latency are answered from one truth call over the
+    requests waiting then; each still gets its own member's truth, after its own latency, and
+    requests that fault or are given up on mid-latency do not disturb the others."""
+    import asyncio
+    import time
+
+    import aiohttp
+
+    w, rw = world_server
+    now = rw.control.now_us()
+    coalescer = rw.state.coalescers["profile"]
+    calls: list[int] = []
+    truth = coalescer.truth
+
+    def counting(world, members, t_us):
+        calls.append(len(members))
+        return truth(world, members, t_us)
+
+    coalescer.truth = counting
+    ids = [1 + (i * 37) % MEMBERS for i in range(60)]
+    try:
+        # a spread of latencies: answers fall due one or two at a time, not all together
+        rw.control.set_faults("profile", latency_median_ms=100.0, latency_p99_ms=400.0,
+                              error_rate=0.0)
+
+        async def main() -> tuple[list[tuple[int, object]], float]:
+            async with aiohttp.ClientSession() as s:
+                async def one(m: int) -> tuple[int, object]:
+                    async with s.get(f"{rw.url}/v1/profile/{m}") as r:
+                        return r.status, await r.json()
+
+                async def given_up(m: int) -> None:  # the client's timeout, mid-latency
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(one(m), 0.01)
+
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(one(m) for m in ids), given_up(5))
+                return list(got[:-1]), time.perf_counter() - t0
+
+        got, elapsed = asyncio.run(main())
+        assert got == [(200, a) for a in w.profiles(ids, now)]
+        assert elapsed >= 0.1  # the latency still applies (the median is 100 ms)
+        assert sum(calls) <= len(ids) + 1 and len(calls) <= 10
+
+        rw.control.set_faults("profile", error_rate=1.0)  # answered 500 after the truth ran
+        assert _get(f"{rw.url}/v1/profile/3")[0] == 500
+        rw.control.set_faults("profile", error_rate=0.0, latency_median_ms=0.0,
+                              latency_p99_ms=None)
+        assert _get(f"{rw.url}/v1/profile/3") == (200, w.profile(3, now))
+    finally:
+        coalescer.truth = truth
+        rw.control.set_faults("profile", latency_median_ms=0.0, latency_p99_ms=None,
+                              error_rate=0.0)
+
+
 def test_services_toml_is_a_valid_services_config(world_server) -> None:
     _, rw = world_server
     services = parse_services(tomllib.loads(rw.services_toml(max_qps=50)))
