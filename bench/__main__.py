@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r.seconds for r in runs)
     print(f"{len(runs)} module(s) in {total:.0f} s; results in {args.out}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    return 0
+    return 1 if failed else 0  # a module that crashed or found wrong answers; missed targets: 0
 
 
 if __name__ == "__main__":

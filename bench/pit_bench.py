@@ -364,6 +364,13 @@ def run(quick: bool, *, profile: bool = False, keep: str | None = None) -> list[
         ref_duck = compare(ref, t_duck.take(pa.array(sample)), FEATURES)
     n_bad = sum(int(mism[f]) for f in FEATURES) + sum(int(mism_s[f]) for f in FEATURES)
     n_ref = sum(int(ref_ours[f]) + int(ref_duck[f]) for f in FEATURES)
+    # The answers must agree before any speed means anything: a mismatch fails the module (the
+    # harness reports it, and `make bench` exits 1), with the counts.
+    wrong = {"DuckDB vs ours": n_bad, "reference vs ours and DuckDB": n_ref,
+             "pandas vs our event mode": int(mism_pd["t.value.last"])}
+    if any(wrong.values()):
+        raise AssertionError(f"point-in-time answers disagree (mismatching rows): {wrong}; "
+                             f"by feature: DuckDB {mism}, reference {ref_ours} / {ref_duck}")
     shape = (f"{data.facts:,} facts ({data.copies:,} copies, {data.late:,} late), "
              f"{n_entities:,} entities, 30 days, compacted; 3 features as_known")
     late_fix = (f"DuckDB recomputed {r_duck['recomputed_labels']:,} of {n_labels:,} labels "

@@ -447,23 +447,42 @@ async def test_a_failed_warm_leaves_a_working_server(aiohttp_client: Any, seeded
     assert (await resp.json())["features"]["play.secs.last"] == 4.0
 
 
-async def test_job_request_errors_and_limit(aiohttp_client: Any, seeded: Store) -> None:
+async def test_job_request_errors_and_limit(aiohttp_client: Any, seeded: Store,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from timetravel_api import _server
+
     write_labels(seeded)
+    release = threading.Event()
+    real_build = _server._build
+
+    def held_build(*args: Any, **kwargs: Any) -> Any:  # the first job stays active until told
+        assert release.wait(30)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(_server, "_build", held_build)
     c = await aiohttp_client(make(seeded, max_jobs=1))
-    ok = {"labels": "labels/l.parquet", "features": ["play.count.7d"], "out": "o/1.parquet"}
-    for bad, code in [({**ok, "labels": "../x"}, "invalid_input"),
-                      ({**ok, "features": ["nope.x"]}, "invalid_feature"),
-                      ({**ok, "labels": "missing.parquet"}, "not_found"),
-                      ({**ok, "extra": 1}, "invalid_input")]:
-        resp = await c.post("/v1/training-sets", json=bad, headers=W)
-        assert resp.status in (400, 404) and (await resp.json())["error"]["code"] == code, bad
-    # with max_jobs=1, a second job while the first is active is 429 (or the first finished)
-    r1 = await c.post("/v1/training-sets", json=ok, headers=W)
-    r2 = await c.post("/v1/training-sets", json={**ok, "out": "o/2.parquet"}, headers=W)
-    assert r1.status == 202
-    if r2.status != 202:
+    try:
+        ok = {"labels": "labels/l.parquet", "features": ["play.count.7d"], "out": "o/1.parquet"}
+        for bad, code in [({**ok, "labels": "../x"}, "invalid_input"),
+                          ({**ok, "features": ["nope.x"]}, "invalid_feature"),
+                          ({**ok, "labels": "missing.parquet"}, "not_found"),
+                          ({**ok, "extra": 1}, "invalid_input")]:
+            resp = await c.post("/v1/training-sets", json=bad, headers=W)
+            assert resp.status in (400, 404) and (await resp.json())["error"]["code"] == code, bad
+        # with max_jobs=1, a second job while the first is active is 429; once it is done, 202
+        r1 = await c.post("/v1/training-sets", json=ok, headers=W)
+        r2 = await c.post("/v1/training-sets", json={**ok, "out": "o/2.parquet"}, headers=W)
+        assert r1.status == 202
         assert r2.status == 429 and (await r2.json())["error"]["code"] == "too_many_jobs"
-    await _wait(c, (await r1.json())["id"])
+        release.set()
+        assert (await _wait(c, (await r1.json())["id"]))["state"] == "done"
+        r3 = await c.post("/v1/training-sets", json={**ok, "out": "o/2.parquet"}, headers=W)
+        assert r3.status == 202
+        assert (await _wait(c, (await r3.json())["id"]))["state"] == "done"
+    finally:
+        release.set()  # never leave the job thread waiting
 
 
 # -- the documentation and metrics -----------------------------------------------------------

@@ -68,6 +68,16 @@ def test_a_failing_module_is_reported_not_raised() -> None:
     assert "ModuleNotFoundError" in run.error
 
 
+def test_a_failed_module_makes_the_run_exit_1(tmp_path: Path, monkeypatch) -> None:
+    import bench.__main__ as harness
+
+    monkeypatch.setattr(harness, "discover", lambda: ["no_such_module_for_tests"])
+    out = tmp_path / "r.json"
+    assert main(["--quick", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert [m["ok"] for m in report["modules"]] == [False]
+
+
 def test_unknown_module_names_are_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--only", "nope", "--out", str(tmp_path / "r.json")])
