@@ -29,7 +29,7 @@ from tests.api_helpers import (
     rows_json,
     seed,
 )
-from tests.factdata import DAY, T0, H
+from tests.factdata import DAY, PLAY, T0, H
 from timetravel_api._codec import arrow_from_ipc
 from timetravel_api._engine import Engine
 from timetravel_api._server import ApiConfig, make_api_app
@@ -528,6 +528,39 @@ async def test_same_answers_after_compaction_through_the_cache(client: Any,
     assert one_before["features"]["play.secs.last"] == 10.0
     health = await (await client.get("/healthz")).json()
     assert health["row_group_cache"]["hits"] > 0
+
+
+async def test_a_logger_flush_after_compacted_groups_are_cached_is_seen_at_once(
+        client: Any, seeded: Store, tmp_path: Any) -> None:
+    """The cache holds decoded compacted row groups; a FactLogger then flushes a raw file for
+    the same entity and date: the very next lookup (no wait, no restart) includes its fact."""
+    from factlog import CompactionConfig, Compactor, FactLogger
+    from ttstore import ManualClock
+    from ttstore._listing import RACY_MARGIN_NS
+
+    Compactor(seeded, config=CompactionConfig(grace_us=0, min_files=1)).run()
+    # Quiet for longer than the listing cache's racy margin, so its listings are trusted (and
+    # kept) from here on, as they are on a store that is not being written every second.
+    await asyncio.sleep(RACY_MARGIN_NS / 1e9 + 0.2)
+    one = {"at": format_timestamp(T0 + 3 * DAY + H), "features": "play.secs.last,play.count.7d"}
+    for _ in range(2):  # the second answer comes from cached compacted row groups
+        before = await (await client.get("/v1/features/1", params=one, headers=R)).json()
+    assert before["features"] == {"play.secs.last": 4.0, "play.count.7d": 3}
+    hits = (await (await client.get("/healthz")).json())["row_group_cache"]["hits"]
+    assert hits > 0
+    logger = FactLogger(store=seeded, producer="late-svc", spool_dir=tmp_path / "spool",
+                        fact_types=[PLAY], clock=ManualClock(T0 + DAY + 20 * H))
+    try:
+        assert logger.log("play", {"member_id": 1, "video_id": 3, "secs": 42.0,
+                                   "event_time": format_timestamp(T0 + DAY + 20 * H)})
+        logger.flush()
+        assert logger.stats().written == 1
+    finally:
+        logger.close()
+    assert any(o.key.startswith("facts/play/date=2027-01-02/") and "/c-" not in o.key
+               for o in seeded.list("facts/play"))  # a raw file beside the compacted one
+    after = await (await client.get("/v1/features/1", params=one, headers=R)).json()
+    assert after["features"] == {"play.secs.last": 42.0, "play.count.7d": 4}
 
 
 async def test_provenance_on_request(client: Any) -> None:
