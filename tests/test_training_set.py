@@ -172,6 +172,7 @@ def test_cli_builds_the_file(tmp_path: Path, local_store: Store) -> None:
              "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "wrote 40 rows" in r.stdout
+    assert f"event=progress build={out} done=1.00" in r.stderr  # not a terminal: log lines
     got = pq.read_table(out)
     want = build_training_set(labels, FEATURES, store=store, clock=ManualClock(NOW), workers=1)
     assert got.equals(want)
@@ -189,6 +190,28 @@ def test_cli_builds_the_file(tmp_path: Path, local_store: Store) -> None:
                    str(tmp_path / "none.parquet"), "--features", "play.count.1d",
                    "--out", str(tmp_path / "bad.parquet"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import io
+
+    from rich.console import Console
+
+    from timetravel_api._training_cli import _progress
+
+    screen = io.StringIO()
+    with _progress("out.parquet", terminal=True,
+                   console=Console(file=screen, force_terminal=True, width=100)) as update:
+        update(0.25)
+        update(1.0)
+    assert "out.parquet" in screen.getvalue() and "100%" in screen.getvalue()
+    with caplog.at_level("INFO", logger="timetravel_api.training_set"), _progress(
+            "out.parquet", terminal=False) as update:
+        update(0.1)  # within LOG_EVERY_S of the start: not logged
+        update(1.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "event=progress build=out.parquet done=1.00"]
 
 
 def test_snapshot_provenance_names_the_run(local_store: Store) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +13,10 @@ from typing import Any
 from ttstore import InvalidInput, Store, add_common_options, clock_from_now
 
 from ._training import build_training_set, lineage, write_training_set
+
+log = logging.getLogger("timetravel_api.training_set")
+#: Off a terminal, a progress line at most this often (and one at the end).
+LOG_EVERY_S = 5.0
 
 
 def register_cli(sub: Any) -> None:
@@ -49,7 +55,7 @@ def _build(args: argparse.Namespace) -> int:
     store = Store(args.store)
     clock = clock_from_now(args.now)
     try:
-        with _progress(f"building {args.out}") as progress:
+        with _progress(args.out) as progress:
             table = build_training_set(
                 args.labels, names, store=store, repo=args.repo, knowledge=args.knowledge,
                 engine=args.engine, workers=args.workers, clock=clock, progress=progress,
@@ -65,19 +71,30 @@ def _build(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _progress(label: str) -> Iterator[Callable[[float], None] | None]:
-    if not sys.stderr.isatty():
-        yield None
+def _progress(label: str, *, terminal: bool | None = None,
+              console: Any = None) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar on a terminal (stderr); else throttled log lines
+    (``event=progress done=0.40``), so a build in a pod or CI shows that it moves."""
+    if sys.stderr.isatty() if terminal is None else terminal:
+        from rich.progress import Progress  # noqa: PLC0415
+
+        with Progress(transient=True, console=console) as bar:
+            task = bar.add_task(label, total=1.0)
+
+            def update(fraction: float) -> None:
+                bar.update(task, completed=fraction)
+
+            yield update
         return
-    from rich.progress import Progress  # noqa: PLC0415
+    last = [time.monotonic()]
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=1.0)
+    def log_line(fraction: float) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or now - last[0] >= LOG_EVERY_S:
+            last[0] = now
+            log.info("event=progress build=%s done=%.2f", label, fraction)
 
-        def update(fraction: float) -> None:
-            bar.update(task, completed=fraction)
-
-        yield update
+    yield log_line
 
 
 def _stop_spark() -> None:
