@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tempfile
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from factlog import Compactor, FactType, FactTypeCatalog, Heartbeat
 from timetravel_api import Engine
@@ -135,6 +138,26 @@ def test_engine_matches_reference_from_store(store: Store, knowledge: str) -> No
     assert res.lineage["fact_files"]["play"] == sorted(
         o.key for o in store.list("facts/play/") if o.key.endswith(".parquet"))
     check(engine, PAGE, page, PAGE_NAMES, queries_for(page, "user", "nobody", 6), knowledge)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 70), exact=st.integers(0, 12),
+       knowledge=st.sampled_from(["as_known", "event"]), strings=st.booleans())
+def test_engine_matches_reference_on_random_copies(seed: int, n: int, exact: int,
+                                                   knowledge: str, strings: bool) -> None:
+    """Hypothesis over the engine from a store: random copies with conflicting duplicates and
+    late facts (``play_copies``, ``page_copies``), plus ``exact`` verbatim copies of random
+    facts in other files (identical duplicates), against the brute-force reference."""
+    ft, names, entity = (PAGE, PAGE_NAMES, "user") if strings else (PLAY, PLAY_NAMES, "member_id")
+    rows = page_copies(seed, n=n) if strings else play_copies(seed, n=n)
+    rng = np.random.default_rng(seed)
+    rows += [dict(rows[int(i)]) for i in rng.integers(0, len(rows), exact)]
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        FactTypeCatalog(store).declare(ft)
+        write_split(store, ft, rows, seed)
+        check(Engine(store, workers=1), ft, rows, names,
+              queries_for(rows, entity, "nobody" if strings else 99, seed), knowledge)
 
 
 def test_same_answers_after_compaction(local_store: Store) -> None:
