@@ -47,6 +47,13 @@ def seeded(local_store: Store) -> Store:
 
 
 @pytest.fixture
+def seeded_any(store: Store) -> Store:
+    """:func:`seeded` on every backend: a local directory, and S3 on a moto server."""
+    seed(store)
+    return store
+
+
+@pytest.fixture
 async def client(aiohttp_client: Any, seeded: Store) -> Any:
     return await aiohttp_client(make(seeded, max_rows=1000, max_body_bytes=1 << 20))
 
@@ -76,11 +83,12 @@ def expected_json(v: Any, t: pa.DataType, json_text: bool) -> Any:
 
 
 @pytest.mark.parametrize("knowledge", ["as_known", "event"])
-async def test_same_answers_as_the_engine_json_and_arrow(client: Any, seeded: Store,
+async def test_same_answers_as_the_engine_json_and_arrow(aiohttp_client: Any, seeded_any: Store,
                                                          knowledge: str) -> None:
+    client = await aiohttp_client(make(seeded_any))
     ent = pa.array([e for e, _ in QUERIES], pa.int64())
     at = pa.array([t for _, t in QUERIES], TIMESTAMP_TYPE)
-    res = Engine(seeded, clock=clock()).features(ent, at, FEATURES, knowledge=knowledge)
+    res = Engine(seeded_any, clock=clock()).features(ent, at, FEATURES, knowledge=knowledge)
     body = {"rows": rows_json(), "features": FEATURES, "knowledge": knowledge}
 
     resp = await client.post("/v1/features", json=body, headers=R)
@@ -508,9 +516,12 @@ async def test_metrics_have_routes_and_engine_timings(client: Any) -> None:
     assert "timetravel_api_row_group_cache_misses" in text
 
 
-async def test_same_answers_after_compaction_through_the_cache(client: Any,
-                                                               seeded: Store) -> None:
+async def test_same_answers_after_compaction_through_the_cache(aiohttp_client: Any,
+                                                               seeded_any: Store) -> None:
     from factlog import CompactionConfig, Compactor
+
+    seeded = seeded_any
+    client = await aiohttp_client(make(seeded))
 
     body = {"rows": rows_json(), "features": FEATURES, "knowledge": "event"}
     before = await (await client.post("/v1/features", json=body, headers=R)).json()

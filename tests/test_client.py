@@ -61,9 +61,14 @@ class _Server:
         self._thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Store]]:
-    store = Store(tmp_path_factory.mktemp("client") / "store")
+@pytest.fixture(scope="module", params=["local", "s3"])
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Store]]:
+    """A query server over a seeded store: a local directory, and S3 on a moto server."""
+    if request.param == "s3":
+        store = Store(f"s3://{request.getfixturevalue('moto_server').create_bucket()}/tt")
+    else:
+        store = Store(tmp_path_factory.mktemp("client") / "store")
     seed(store)
     s = _Server(store)
     try:
