@@ -305,3 +305,6 @@ def test_encoder_features_run_on_the_reconstructed_view(local_store: Store) -> N
         assert res.lineage["encoder_versions"] == {"secs_1d": secs_1d.version,
                                                   "broken": broken.version}
         assert res.provenance is not None
+        # an encoder's value came from its code over the view: named with its version
+        assert {p["source"] for p in res.provenance.column("secs_1d").to_pylist()} == {
+            f"encoder:secs_1d@{secs_1d.version}"}
