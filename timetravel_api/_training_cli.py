@@ -79,7 +79,7 @@ def _progress(label: str, *, terminal: bool | None = None,
         from rich.progress import Progress  # noqa: PLC0415
 
         with Progress(transient=True, console=console) as bar:
-            task = bar.add_task(label, total=1.0)
+            task = bar.add_task(f"building {label}", total=1.0)
 
             def update(fraction: float) -> None:
                 bar.update(task, completed=fraction)
