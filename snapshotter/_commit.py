@@ -5,23 +5,28 @@ every shard's part is committed, whoever notices first (the last shard to finish
 ``snapshot run`` or scheduler tick for that slot) commits the run:
 
 1. freeze each service's payload types (``_typing.freeze_types``);
-2. write the staged chunks, conformed to those types, to final non-underscore keys: consecutive
-   chunks of a shard gathered up to ``FINAL_OBJECT_ROWS`` rows an object, one row group per
-   chunk, sorted by entity (the selection is sorted, so chunks are ranges of entities), written
-   one chunk at a time (create-if-absent; an object left by an interrupted commit is kept);
+2. write the staged chunks, conformed to those types, as the run's final objects, each under
+   ``_publish`` (hidden from external readers): consecutive chunks of a shard gathered up to
+   ``FINAL_OBJECT_ROWS`` rows an object, one row group per chunk, sorted by entity (the
+   selection is sorted, so chunks are ranges of entities), written one chunk at a time
+   (create-if-absent; an object left by an interrupted commit is kept);
 3. create the run manifest, with ``committed_at`` from the clock: the commit point;
-4. delete the staging prefix.
+4. publish: copy each object to its final key (create-if-absent), then delete the hidden copy;
+5. delete the staging prefix.
 
-Why data is copied at commit rather than fetched straight to its final key: until step 2 the
-final keys do not exist, so a run killed while fetching (nearly all of its life) leaves nothing
-that Spark, DuckDB or ``pyarrow.dataset`` would read. Only a crash inside step 2–3 leaves final
-objects without a manifest; our reader never reads them (it reads only keys a manifest lists),
-the next ``run`` or scheduler tick for the slot rolls the commit forward, and ``snapshot list``
-shows the slot as pending until then.
+Until step 3 nothing of the run is outside a ``_`` path component, so a run killed at any
+moment before its commit (fetching, staging, or writing its objects) leaves nothing that
+Spark, Trino, DuckDB or ``pyarrow.dataset`` would read. Our reader reads only the objects a
+manifest lists, from the final key or, until it is published, from the hidden one; so a run
+is visible to it from the commit on. A crash between steps 3 and 4 leaves a committed run that
+external readers do not see yet: the next ``snapshot run`` or scheduler tick for the slot
+publishes it (:func:`publish_run` is idempotent), and the data was committed data all along.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -51,9 +56,12 @@ from ._manifest import (
     manifest_key,
     part_key,
     staging_prefix,
+    unpublished_key,
 )
 from ._stage import parquet_options
 from ._typing import conform, freeze_types
+
+log = logging.getLogger("snapshotter.commit")
 
 #: Committed objects gather consecutive staged chunks up to about this many rows, so a run of
 #: 1M contexts is tens of objects per service, not hundreds.
@@ -139,7 +147,7 @@ def _service_stats(
             continue
         writer.close()
         try:
-            store.put_if_absent(final, sink.getvalue().to_pybytes())
+            store.put_if_absent(unpublished_key(final), sink.getvalue().to_pybytes())
         except ObjectExists:
             pass  # written by an interrupted commit of this run: roll forward
         objects.append(final)
@@ -198,7 +206,30 @@ def commit_run(
         services=services,
     )
     put_manifest(store, manifest)
+    publish_run(store, manifest)
     return manifest
+
+
+def publish_run(store: Store, manifest: RunManifest) -> int:
+    """Make a committed run's objects visible to external readers: copy each one from its
+    hidden key to its final key (create-if-absent), then delete the hidden copy. Idempotent,
+    so a crash part-way is finished by calling it again; returns how many it copied."""
+    copied = 0
+    for service, stats in manifest.services.items():
+        for final in stats.objects:
+            hidden = unpublished_key(final)
+            if not store.exists(final):
+                try:
+                    data = store.get(hidden)
+                except ObjectNotFound:
+                    log.warning("run %s, service %s: object %s is missing (neither published "
+                                "nor waiting under _publish)", manifest.run_id, service, final)
+                    continue
+                with contextlib.suppress(ObjectExists):
+                    store.put_if_absent(final, data)
+                copied += 1
+            store.delete(hidden)  # idempotent
+    return copied
 
 
 def put_manifest(store: Store, manifest: RunManifest) -> None:

@@ -29,6 +29,9 @@ from ttstore import ObjectNotFound, Store, format_timestamp, key, parse_timestam
 RUNS_PREFIX = "snapshots/runs"
 MANIFESTS_PREFIX = f"{RUNS_PREFIX}/_manifests"
 STAGING_PREFIX = f"{RUNS_PREFIX}/_staging"
+#: Where a run's final objects are written, hidden from external readers, before its manifest
+#: commits it; once committed they are published to their keys under ``RUNS_PREFIX``.
+PUBLISH_PREFIX = f"{RUNS_PREFIX}/_publish"
 MANIFEST_FORMAT = 1
 DEFAULT_MAX_STALENESS = "48h"
 
@@ -88,6 +91,15 @@ def data_key(slot_us: int, shard: int, shards: int, service: str, chunk: int) ->
         f"slot={slot_name(slot_us)}",
         f"part-{shard_name(shard, shards)}-{chunk:06d}.parquet",
     )
+
+
+def unpublished_key(final: str) -> str:
+    """Where the committed object ``final`` (a :func:`data_key`) waits to be published: the same
+    path under ``_publish``, which Spark, Trino, DuckDB and pyarrow skip."""
+    head = RUNS_PREFIX + "/"
+    if not final.startswith(head):
+        raise ValueError(f"not a run data key: {final!r}")
+    return key(PUBLISH_PREFIX, final[len(head):])
 
 
 def staging_prefix(slot_us: int) -> str:

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ttstore import TIMESTAMP_TYPE, US_PER_S, InvalidInput, Store
+from ttstore import TIMESTAMP_TYPE, US_PER_S, InvalidInput, ObjectNotFound, Store
 
-from ._manifest import ManifestCache, RunManifest
+from ._manifest import ManifestCache, RunManifest, unpublished_key
 from ._typing import KINDS, column_name, conform
 
 Knowledge = Literal["as_known", "event"]
@@ -191,7 +191,7 @@ class SnapshotReader:
             if hit is not None:
                 self._cache.move_to_end(ck)
                 return hit
-        table = self.store.read_parquet(key)
+        table = _read_run_object(self.store, key)
         present = [c for c in columns if c in table.column_names]
         table = table.select(present)
         with self._lock:
@@ -201,6 +201,18 @@ class SnapshotReader:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
         return table
+
+
+def _read_run_object(store: Store, final: str) -> pa.Table:
+    """A committed run's object: at its final key, or, until the commit has published it, at
+    its hidden one (the publisher deletes that only once the final one exists: hence the third
+    try)."""
+    for k in (final, unpublished_key(final), final):
+        try:
+            return store.read_parquet(k)
+        except ObjectNotFound:
+            continue
+    raise ObjectNotFound(f"committed snapshot object {final!r} is missing")
 
 
 def _fields_of(runs: list[RunManifest], service: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from ttstore import Clock, ObjectExists, ObjectNotFound, Store, format_timestamp
 
-from ._commit import cleanup_staging, commit_part, commit_run, committed_parts
+from ._commit import cleanup_staging, commit_part, commit_run, committed_parts, publish_run
 from ._errors import InvalidRunOption, RunAlreadyCommitted, RunConflict, SelectionNotFound
 from ._manifest import (
     RunManifest,
@@ -192,8 +192,7 @@ class SnapshotRunner:
             )
         done = load_manifest(self.store, slot_us)
         if done is not None:
-            with contextlib.suppress(Exception):
-                cleanup_staging(self.store, slot_us)  # left by a crash after the commit
+            self._finish(done)  # a crash after the commit may have left these undone
             return RunOutcome("already_committed", slot_us, done.run_id, done)
         plan = self._plan(slot_us, shards=shards, selection_id=selection_id)
         if shard is not None and not 0 <= shard < plan.shards:
@@ -232,6 +231,20 @@ class SnapshotRunner:
         log.info("event=run_committed run_id=%s", plan.run_id)
         cleanup_staging(self.store, slot_us)
         return RunOutcome("committed", slot_us, plan.run_id, manifest)
+
+    def _finish(self, done: RunManifest) -> None:
+        """Publish a committed run's objects and delete its staging, if a crash after the commit
+        left either undone. A failure here is only logged: the run is committed, and the next
+        run or tick of the slot tries again."""
+        try:
+            n = publish_run(self.store, done)
+            if n:
+                log.info("event=run_published run_id=%s objects=%d (finished after a crash)",
+                         done.run_id, n)
+            cleanup_staging(self.store, done.slot_us)
+        except Exception as exc:  # noqa: BLE001 - committed either way
+            log.warning("run %s: could not finish publishing or cleaning up: %s", done.run_id,
+                        exc)
 
     # -- the plan ------------------------------------------------------------------------------
     def _plan(self, slot_us: int, *, shards: int | None, selection_id: str | None) -> RunPlan:

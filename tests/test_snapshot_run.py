@@ -93,6 +93,69 @@ def external_rows(store, service: str | None = None) -> int:
     return ds.dataset(base, filesystem=fs, format="parquet", partitioning="hive").count_rows()
 
 
+def test_a_crash_while_writing_the_commit_leaves_nothing_for_external_readers(store,
+                                                                            monkeypatch):
+    """Killed after the run's objects are written but before its manifest (the commit point):
+    every object is under _publish, so pyarrow reading the directory sees nothing, nor does our
+    reader; the next run of the slot rolls the commit forward and publishes."""
+    from snapshotter import _commit
+
+    make_selection(store, 400, 95)
+    fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies at the commit point
+
+    monkeypatch.setattr(_commit, "put_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner(store, fleet).run(T0)
+    hidden = [o.key for o in store.list("snapshots/runs/_publish/")]
+    assert len(hidden) == 2  # one object per service, written and waiting
+    assert external_rows(store) == 0
+    assert SnapshotReader(store).runs() == [] and load_manifest(store, T0) is None
+    monkeypatch.undo()
+    out = runner(store, fleet).run(T0)
+    assert out.state == "committed"
+    assert external_rows(store, "history") == 95 and external_rows(store, "profile") == 95
+    assert store.list("snapshots/runs/_publish/") == []
+    assert fleet.requested("history") == 95  # nothing fetched twice
+
+
+def test_a_crash_after_the_commit_is_read_by_us_and_published_by_the_next_run(store,
+                                                                           monkeypatch):
+    """Killed after the manifest but before publishing: the run is committed, our reader reads
+    it from the hidden objects, external readers do not see it yet; the next run of the slot
+    says it is committed and publishes it."""
+    from snapshotter import _commit
+
+    make_selection(store, 400, 95)
+    fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_commit, "publish_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner(store, fleet).run(T0)
+    m = load_manifest(store, T0)
+    assert m is not None
+    assert external_rows(store) == 0
+    reader = SnapshotReader(store)
+    ctx = set(store.read_parquet(f"snapshots/selections/{m.selection_id}/contexts.parquet")
+              .column("entity_id").to_pylist())
+    sampled = sorted(x for x in ctx if x % 11 and x % 13)[:3]
+    got = reader.read("history", sampled, [T0 + 3600 * US_PER_S] * 3)
+    assert got.column("status").to_pylist() == ["ok"] * 3
+    assert pc.struct_field(got.column("payload"), "views").to_pylist() == [
+        history(x)["views"] for x in sampled]
+    monkeypatch.undo()
+    out = runner(store, fleet).run(T0)
+    assert out.state == "already_committed"
+    assert external_rows(store, "history") == 95 and external_rows(store, "profile") == 95
+    assert store.list("snapshots/runs/_publish/") == []
+    assert store.list("snapshots/runs/_staging/") == []
+
+
 def test_run_commits_rows_manifest_and_is_idempotent(store):
     sid = make_selection(store, 400, 95)
     fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
