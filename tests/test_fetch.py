@@ -7,6 +7,7 @@ import json
 import socket
 import tomllib
 
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -392,6 +393,8 @@ async def test_qps_limit_holds_at_the_service(sim) -> None:
     assert sum(r.status == "ok" for r in got) >= 65
     served = rw.control.stats()["services"]["viewing_history"]
     assert served["requests"] == requests > 70
+    # every one-second window, sliding, not just the aligned ones
+    assert served["max_started_in_any_1s"] <= 30
     assert max(served["started_per_s"].values()) <= 30
     assert len(served["started_per_s"]) >= 3  # the limit spread them out
 
@@ -405,7 +408,7 @@ async def test_qps_share_keeps_shards_within_the_total(sim) -> None:
     assert all(r.status == "ok" for rs in got for r in rs)
     served = rw.control.stats()["services"]["my_list"]
     assert served["batch_requests"] == 80
-    assert max(served["started_per_s"].values()) <= 30
+    assert served["max_started_in_any_1s"] <= 30
     with pytest.raises(ServiceConfigError, match="below 1"):
         ServiceFetcher(_config(rw, max_qps=3), qps_share=0.25)
 
@@ -419,3 +422,65 @@ async def test_concurrency_is_bounded(sim) -> None:
     served = rw.control.stats()["services"]["profile"]
     assert served["requests"] == 40
     assert 2 <= served["max_in_flight"] <= 4
+
+
+async def test_backoff_is_exponential_capped_and_jittered(monkeypatch) -> None:
+    """The wait before attempt k+1 is drawn from [cap/2, cap] with cap = min(max, base * 2^(k-1)):
+    it doubles, stops at the cap, and is spread out (retries of many rows do not move in
+    lockstep)."""
+    fetcher = ServiceFetcher(ServiceConfig(name="a", url="http://127.0.0.1:9/{entity_id}",
+                                           backoff_base_s=0.1, backoff_max_s=0.5), seed=3)
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    by_attempt = {}
+    for attempts in (1, 2, 3, 4, 5):
+        waits.clear()
+        for _ in range(300):
+            await fetcher._backoff(attempts)
+        by_attempt[attempts] = list(waits)
+    for attempts, cap in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (5, 0.5)):
+        w = np.array(by_attempt[attempts])
+        assert w.min() >= cap / 2 - 1e-12 and w.max() <= cap + 1e-12, attempts
+        assert w.max() - w.min() > cap / 3  # jitter: spread over the upper half
+        assert abs(float(np.median(w)) - 0.75 * cap) < 0.1 * cap
+    assert fetcher.stats()["retries"] == 5 * 300
+
+
+async def test_headers_from_environment_variables_reach_the_service(aiohttp_server) -> None:
+    """``${VAR}`` header values are resolved from the environment the fetcher is given and sent
+    on every GET and batch POST; the manifest's copy of the config still redacts them."""
+    seen: list[dict[str, str]] = []
+
+    async def one(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"id": request.match_info["id"]})
+
+    async def batch(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        ids = (await request.json())["ids"]
+        return web.json_response({"results": {str(i): {"id": i} for i in ids}})
+
+    app = web.Application()
+    app.router.add_get("/x/{id}", one)
+    app.router.add_post("/x:batch", batch)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    body = (f'[services.x]\nurl = "{base}/x/{{entity_id}}"\nentity_type = "string"\n'
+            'headers = { Authorization = "Bearer ${X_TOKEN}", X-Tenant = "t-$${X_TENANT}" }\n')
+    [config] = parse_services(tomllib.loads(body), environ={"X_TOKEN": "s3cret"}).values()
+    env = {"X_TOKEN": "s3cret"}
+    async with ServiceFetcher(config, environ=env) as fetcher:
+        assert [r.status for r in await fetcher.fetch(["a", "b"])] == ["ok", "ok"]
+    batched = ServiceConfig(name="x", url=base + "/x/{entity_id}", batch_url=base + "/x:batch",
+                            entity_type="string", headers=config.headers)
+    async with ServiceFetcher(batched, environ=env) as fetcher:
+        assert [r.status for r in await fetcher.fetch(["c", "d"])] == ["ok", "ok"]
+    assert len(seen) == 3
+    for h in seen:
+        assert h["Authorization"] == "Bearer s3cret"
+        assert h["X-Tenant"] == "t-${X_TENANT}"  # $$ is a literal $
+    assert "s3cret" not in json.dumps(config.public_json())

@@ -356,3 +356,18 @@ def test_world_in_its_own_process_answers_with_the_same_truth() -> None:
         f"{proc.url}/v1/{name}/{{entity_id}}" for name in ("viewing_history", "my_list", "profile")
     }
     assert all(s.max_qps == 7 and s.batch_url is None for s in services.values())
+
+
+def test_latency_draws_have_the_configured_median_and_p99() -> None:
+    import random
+
+    from simworld import Faults
+
+    rng = random.Random(5)
+    lognormal = Faults(latency_median_ms=5.0, latency_p99_ms=20.0)
+    ms = np.array([lognormal.latency_s(rng) for _ in range(40_000)]) * 1e3
+    assert abs(float(np.median(ms)) - 5.0) < 0.2
+    assert abs(float(np.percentile(ms, 99)) - 20.0) < 1.5
+    assert ms.min() > 0
+    assert Faults(latency_median_ms=3.0).latency_s(rng) == 0.003  # no p99: constant
+    assert Faults().latency_s(rng) == 0.0

@@ -61,12 +61,14 @@ class Fleet:
     def __init__(self, answers):
         self.answers = answers
         self.fetchers: list[tuple[str, LocalFetcher]] = []
+        self.qps_shares: list[float] = []
         self.lock = threading.Lock()
 
     def factory(self, config, qps_share):
         f = LocalFetcher(self.answers[config.name])
         with self.lock:
             self.fetchers.append((config.name, f))
+            self.qps_shares.append(qps_share)
         return f
 
     def requested(self, name: str) -> int:
@@ -173,6 +175,8 @@ def test_run_commits_rows_manifest_and_is_idempotent(store):
     assert h.fetched_ok == 95 - n_failed
     assert h.confidence == pytest.approx((95 - n_failed) / 95)
     assert h.errors == {"ConnectionError": n_failed}
+    assert h.latency_p50_ms is not None and h.latency_p99_ms is not None
+    assert 0 <= h.latency_p50_ms <= h.latency_p99_ms
     assert h.columns == {"views": "int64", "score": "float64", "tag": "string"}
     assert h.config["max_staleness"] == "48h" and h.max_staleness_us == 48 * 3600 * US_PER_S
     assert m.services["profile"].confidence == 1.0
@@ -277,6 +281,8 @@ def test_two_shards_visible_only_when_both_commit(store):
     assert second.manifest.selection_id == sid
     assert fleet.requested("history") == 150
     assert 30 < shard1 < 120  # the split is roughly even
+    # each shard keeps to its share of every service's max_qps, so together they hold the limit
+    assert fleet.qps_shares and set(fleet.qps_shares) == {0.5}
     assert external_rows(store, "history") == 150
     assert external_rows(store, "profile") == 150
     [row] = list_runs(store)
@@ -427,6 +433,7 @@ def test_failing_service_retries_and_reports_confidence(local_store):
         rw.state.clock.set(now)
         rw.control.set_faults("profile", error_rate=0.2)
         rw.control.set_faults("my_list", down=True)
+        rw.control.set_faults("viewing_history", latency_median_ms=30.0)  # constant
         # No retries, per-entity: about 20% of profile fetches fail.
         svcs = world_services(rw, batch=False, retries=0, max_concurrency=16)
         out = SnapshotRunner(local_store, svcs, clock=ManualClock(now),
@@ -444,7 +451,13 @@ def test_failing_service_retries_and_reports_confidence(local_store):
         assert p.errors == {"http_5xx": p.failed}
         ml = m.services["my_list"]
         assert (ml.confidence, ml.fetched_ok, ml.failed) == (0.0, 0, 300)
-        assert m.services["viewing_history"].confidence == 1.0
+        vh = m.services["viewing_history"]
+        assert vh.confidence == 1.0
+        # the manifest's latency is the fetches' own: the world's 30 ms and a little more
+        assert vh.latency_p50_ms is not None and vh.latency_p99_ms is not None
+        assert 30.0 <= vh.latency_p50_ms <= vh.latency_p99_ms < 1000.0
+        assert p.latency_p50_ms is not None and p.latency_p50_ms < 30.0
+        rw.control.set_faults("viewing_history", latency_median_ms=0.0)
         stats = rw.control.stats()["services"]
         assert stats["profile"]["requests"] == 300  # no retries
 
@@ -624,3 +637,32 @@ def test_runs_use_the_system_allocator_unless_the_operator_chose(
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
     use_system_allocator()
     assert pa.default_memory_pool().backend_name == "system"
+
+
+def test_progress_is_a_bar_on_a_terminal_and_throttled_log_lines_otherwise(
+        store, caplog, capsys, monkeypatch):
+    """Off a terminal every (service, shard) logs its first chunk and its last (and one line
+    every 5 s between); on a terminal, a bar per (service, shard)."""
+    import sys
+
+    from snapshotter._runcli import _progress
+
+    make_selection(store, 400, 95)
+    fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
+    with caplog.at_level("INFO", logger="snapshotter.run"), _progress(True) as on_chunk:
+        # pytest's stderr is not a terminal: log lines, although the bar was asked for
+        assert runner(store, fleet, on_chunk=on_chunk).run(T0).state == "committed"
+    lines = sorted(r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("event=chunk"))
+    for svc in ("history", "profile"):
+        mine = [line for line in lines if f"service={svc} " in line]
+        assert len(mine) == 2, mine
+        assert any("chunks_done=1 chunks=10 rows=10 " in line for line in mine)
+        assert any("chunks_done=10 chunks=10 rows=5 " in line for line in mine)  # 95 = 9x10+5
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with _progress(True) as on_chunk:
+        assert runner(store, fleet, on_chunk=on_chunk).run(T0 + 30 * US_PER_S).state == \
+            "committed"
+    out = capsys.readouterr().out
+    assert "history shard 0" in out and "profile shard 0" in out and "10/10" in out
