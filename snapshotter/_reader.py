@@ -135,7 +135,11 @@ class SnapshotReader:
             )
         types = {f: types[f] for f in names}
         at_us = _as_us(at)
-        q_ent = entities if isinstance(entities, pa.Array) else pa.array(list(entities))
+        try:
+            q_ent = entities if isinstance(entities, pa.Array) else pa.array(list(entities))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise InvalidInput(f"entity keys must be all int64 or all strings: {exc}",
+                               field="entity_id") from exc
         if len(q_ent) != len(at_us):
             raise InvalidInput("entities and at differ in length", field="at")
         runs = [m for m in all_runs if service in m.services]

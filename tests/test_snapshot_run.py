@@ -666,3 +666,35 @@ def test_progress_is_a_bar_on_a_terminal_and_throttled_log_lines_otherwise(
             "committed"
     out = capsys.readouterr().out
     assert "history shard 0" in out and "profile shard 0" in out and "10/10" in out
+
+
+def test_string_keyed_services_and_selections(store):
+    """A selection of string keys ("007" stays "007") and a service taking string keys: the run
+    stages and commits string keys, and the reader answers by them; the int 7 reads as the key
+    "7", which is not "007"."""
+    ids = [f"{i:03d}" for i in range(1, 201)]
+    pop = pa.table({"entity_id": pa.array(ids, pa.string()),
+                    "region": pa.array(["eu" if i % 3 == 0 else "us" for i in range(1, 201)])})
+    at = T0 - 3600 * US_PER_S
+    save_selection(store, select_contexts(pop, n=50, selected_at_us=at, strata=["region"],
+                                          seed=2), report=False, clock=ManualClock(at))
+    fleet = Fleet({"devices": lambda e: {"n": len(e), "first": e[0]}})
+    services = {"devices": Config("devices", entity_type="string")}
+    out = SnapshotRunner(store, services, clock=ManualClock(T0 + 60 * US_PER_S),
+                         fetcher_factory=fleet.factory, chunk_size=10).run(T0)
+    assert out.state == "committed" and out.manifest is not None
+    assert out.manifest.services["devices"].fetched_ok == 50
+    chosen = store.read_parquet(
+        f"snapshots/selections/{out.manifest.selection_id}/contexts.parquet").column("entity_id")
+    assert chosen.type == pa.string()
+    keys = chosen.to_pylist()[:5]
+    got = SnapshotReader(store).read("devices", keys, [T0 + 3600 * US_PER_S] * 5)
+    assert got.column("status").to_pylist() == ["ok"] * 5
+    assert pc.struct_field(got.column("payload"), "first").to_pylist() == ["0"] * 5
+    assert external_rows(store, "devices") == 50
+    seven = SnapshotReader(store).read("devices", [7], [T0 + 3600 * US_PER_S])
+    assert seven.column("status").to_pylist() == ["not_sampled"]
+    from ttstore import InvalidInput
+
+    with pytest.raises(InvalidInput, match="all int64 or all strings"):
+        SnapshotReader(store).read("devices", [7, "007"], [T0 + 3600 * US_PER_S] * 2)
