@@ -578,3 +578,32 @@ def test_cli_subprocess_stdout_is_the_id(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("sel-20261121T000000Z-")
     assert "selected 10 of 100 in 3 strata" in proc.stderr
     assert len(load_selection(Store(str(tmp_path / "store")), lines[0])) == 10
+
+
+def test_cli_min_per_stratum_floors_a_tiny_stratum(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--min-per-stratum`` reaches the allocation: a stratum of 6 in 1,006 members, which
+    proportional allocation of 50 gives 0.3 of a context, gets its floor of 4; the total stays
+    exactly n and the weights still add up to each stratum's size."""
+    rows = ["member,region"] + [f"{i:05d},{'tiny' if i < 6 else 'big'}" for i in range(1006)]
+    csv = tmp_path / "pop.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    store_dir = tmp_path / "store"
+    for floor, want in (("1", 1), ("4", 4)):
+        rc = main(["snapshot", "select", "--store", str(store_dir), "--population", str(csv),
+                   "--entity", "member", "--strata", "region", "--n", "50",
+                   "--min-per-stratum", floor, "--seed", "1",
+                   "--now", f"2026-11-20T1{floor}:00:00Z"])
+        sid = capsys.readouterr().out.strip()
+        assert rc == 0
+        cs = load_selection(Store(str(store_dir)), sid)
+        assert cs.design.min_per_stratum == int(floor) and cs.table.num_rows == 50
+        by = {d.name: d for d in cs.design.strata_detail}
+        assert by["region=tiny"].sample_size == want and by["region=big"].sample_size == 50 - want
+        w = cs.table.group_by("stratum").aggregate([("weight", "sum")]).to_pydict()
+        assert dict(zip(w["stratum"], w["weight_sum"], strict=True)) == pytest.approx(
+            {"region=tiny": 6.0, "region=big": 1000.0})
+    rc = main(["snapshot", "select", "--store", str(store_dir), "--population", str(csv),
+               "--entity", "member", "--strata", "region", "--n", "50",
+               "--min-per-stratum", "0"])
+    assert rc == 2 and "min_per_stratum" in capsys.readouterr().err
