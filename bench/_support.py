@@ -136,3 +136,57 @@ def moto_server(*, in_process: bool = True) -> Iterator[MotoServer]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class TreeRssSampler:
+    """The peak of the summed resident set of a process and all its descendants, sampled every
+    ``interval_s`` from ``/proc`` in a background thread (Linux; elsewhere it reports None). A
+    sampled peak can miss a spike shorter than the interval, so it is a lower bound, where the
+    sum of the processes' own peaks is an upper one."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        import threading  # noqa: PLC0415
+
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> TreeRssSampler:
+        if os.path.exists(f"/proc/{self.pid}/statm"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _tree(self) -> list[int]:
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue  # exited meanwhile
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for pid in self._tree():
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * self._page
+                except (OSError, IndexError, ValueError):
+                    continue
+            mb = total / (1024 * 1024)
+            if total and (self.peak_mb is None or mb > self.peak_mb):
+                self.peak_mb = mb
+            self._stop.wait(self.interval_s)
+

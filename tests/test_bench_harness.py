@@ -121,3 +121,25 @@ def test_load_generator_answers_and_send_lateness() -> None:
     assert isinstance(lat, list) and isinstance(late, list)
     assert res["errors"] == {} and len(lat) == len(late) == 40
     assert min(lat) > 0 and min(late) >= 0
+
+
+def test_tree_rss_sampler_adds_up_a_process_and_its_children() -> None:
+    """The PIT bench's peak RSS: a process holding 120 MB whose child holds 80 MB at the same
+    time reads as about 200 MB (their own ru_maxrss would give 120 and 80)."""
+    import subprocess
+    import sys
+
+    from bench._support import TreeRssSampler
+
+    hold = ("import sys, time; b = bytearray({mb} << 20); b[::4096] = b'x' * len(b[::4096]); "
+            "{then}; time.sleep(1.0)")
+    grandchild = hold.format(mb=80, then="pass")
+    child = hold.format(mb=120, then=f"import subprocess; p = subprocess.Popen([sys.executable, "
+                                     f"'-c', {grandchild!r}])") + "; p.wait()"
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with TreeRssSampler(proc.pid, interval_s=0.02) as sampler:
+        assert proc.wait(60) == 0
+    if sys.platform != "linux":
+        assert sampler.peak_mb is None
+        return
+    assert sampler.peak_mb is not None and 200 <= sampler.peak_mb < 400
