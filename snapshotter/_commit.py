@@ -26,7 +26,6 @@ publishes it (:func:`publish_run` is idempotent), and the data was committed dat
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -60,8 +59,6 @@ from ._manifest import (
 )
 from ._stage import parquet_options
 from ._typing import conform, freeze_types
-
-log = logging.getLogger("snapshotter.commit")
 
 #: Committed objects gather consecutive staged chunks up to about this many rows, so a run of
 #: 1M contexts is tens of objects per service, not hundreds.
@@ -211,24 +208,23 @@ def commit_run(
 
 
 def publish_run(store: Store, manifest: RunManifest) -> int:
-    """Make a committed run's objects visible to external readers: copy each one from its
-    hidden key to its final key (create-if-absent), then delete the hidden copy. Idempotent,
-    so a crash part-way is finished by calling it again; returns how many it copied."""
+    """Make a committed run's objects visible to external readers: copy each one still waiting
+    under ``_publish`` to its final key (create-if-absent), then delete the hidden copy.
+    Idempotent, so a crash part-way is finished by calling it again; on a run published already
+    it costs one listing per service. Returns how many objects it copied."""
     copied = 0
-    for service, stats in manifest.services.items():
-        for final in stats.objects:
-            hidden = unpublished_key(final)
+    for stats in manifest.services.values():
+        hidden = {final: unpublished_key(final) for final in stats.objects}
+        dirs = sorted({h.rsplit("/", 1)[0] + "/" for h in hidden.values()})
+        waiting = {o.key for d in dirs for o in store.list(d)}
+        for final, h in hidden.items():
+            if h not in waiting:
+                continue  # published already
             if not store.exists(final):
-                try:
-                    data = store.get(hidden)
-                except ObjectNotFound:
-                    log.warning("run %s, service %s: object %s is missing (neither published "
-                                "nor waiting under _publish)", manifest.run_id, service, final)
-                    continue
                 with contextlib.suppress(ObjectExists):
-                    store.put_if_absent(final, data)
+                    store.put_if_absent(final, store.get(h))
                 copied += 1
-            store.delete(hidden)  # idempotent
+            store.delete(h)
     return copied
 
 
