@@ -16,11 +16,9 @@ from ._design import ContextSet
 MAX_BARS = 40  # beyond this, the smallest strata are pooled into one "other" bar
 
 
-def render_report(cs: ContextSet) -> bytes:
-    """Render the population-vs-sample stratum shares of ``cs`` as PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
+def report_shares(cs: ContextSet) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What the report draws: the bars' names, and each one's share of the population and of
+    the sample (beyond ``MAX_BARS`` strata, the smallest are pooled into one bar)."""
     d = cs.design
     names = [s.name for s in d.strata_detail]
     pop = np.array([s.population_size for s in d.strata_detail], dtype=np.float64)
@@ -31,9 +29,16 @@ def render_report(cs: ContextSet) -> bytes:
         names = [names[i] for i in keep] + [f"({rest.size} other strata)"]
         pop = np.append(pop[keep], pop[rest].sum())
         smp = np.append(smp[keep], smp[rest].sum())
-    pop_share = pop / max(pop.sum(), 1.0)
-    smp_share = smp / max(smp.sum(), 1.0)
+    return names, pop / max(pop.sum(), 1.0), smp / max(smp.sum(), 1.0)
 
+
+def render_report(cs: ContextSet) -> bytes:
+    """Render the population-vs-sample stratum shares of ``cs`` as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    d = cs.design
+    names, pop_share, smp_share = report_shares(cs)
     height_in = 1.6 + 0.32 * len(names)
     fig = Figure(figsize=(9.0, height_in), dpi=100)
     FigureCanvasAgg(fig)

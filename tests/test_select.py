@@ -607,3 +607,35 @@ def test_cli_min_per_stratum_floors_a_tiny_stratum(tmp_path: Path,
                "--entity", "member", "--strata", "region", "--n", "50",
                "--min-per-stratum", "0"])
     assert rc == 2 and "min_per_stratum" in capsys.readouterr().err
+
+
+def test_report_draws_the_population_and_sample_shares() -> None:
+    """The PNG report's bars are each stratum's share of the population and of the sample:
+    equal under proportional allocation (up to rounding), apart under equal allocation, and
+    beyond 40 strata the smallest are pooled into one bar; the PNG is as tall as its bars."""
+    import matplotlib.image as mpimg
+
+    from snapshotter._report import MAX_BARS, render_report, report_shares
+
+    pop = population(3000)
+    prop = select_contexts(pop, n=300, selected_at_us=T0, strata=["region", "device"], seed=1,
+                          entity="member_id")
+    names, p_share, s_share = report_shares(prop)
+    assert names == [s.name for s in prop.design.strata_detail] and len(names) == 6
+    assert p_share.sum() == pytest.approx(1.0) and s_share.sum() == pytest.approx(1.0)
+    assert np.abs(p_share - s_share).max() <= 1 / 300  # largest remainder: within one context
+    equal = select_contexts(pop, n=300, selected_at_us=T0, strata=["region", "device"], seed=1,
+                            allocation="equal", entity="member_id")
+    _, _, eq_share = report_shares(equal)
+    assert np.allclose(eq_share, 1 / 6)
+    png = render_report(prop)
+    img = mpimg.imread(io.BytesIO(png), format="png")
+    assert img.shape[0] == round((1.6 + 0.32 * 6) * 100) and img.shape[1] == 900
+
+    many = pa.table({"member_id": pa.array(np.arange(5000, dtype=np.int64)),
+                     "g": pa.array([f"g{i % 60:02d}" for i in range(5000)])})
+    wide = select_contexts(many, n=600, selected_at_us=T0, strata=["g"], seed=1,
+                           entity="member_id")
+    names, p_share, s_share = report_shares(wide)
+    assert len(names) == MAX_BARS and names[-1] == "(21 other strata)"
+    assert p_share.sum() == pytest.approx(1.0) and s_share.sum() == pytest.approx(1.0)
