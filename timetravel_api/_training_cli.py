@@ -86,12 +86,13 @@ def _progress(label: str, *, terminal: bool | None = None,
 
             yield update
         return
-    last = [time.monotonic()]
+    last = time.monotonic()
 
     def log_line(fraction: float) -> None:
+        nonlocal last
         now = time.monotonic()
-        if fraction >= 1.0 or now - last[0] >= LOG_EVERY_S:
-            last[0] = now
+        if fraction >= 1.0 or now - last >= LOG_EVERY_S:
+            last = now
             log.info("event=progress build=%s done=%.2f", label, fraction)
 
     yield log_line
