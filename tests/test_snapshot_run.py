@@ -698,3 +698,29 @@ def test_string_keyed_services_and_selections(store):
 
     with pytest.raises(InvalidInput, match="all int64 or all strings"):
         SnapshotReader(store).read("devices", [7, "007"], [T0 + 3600 * US_PER_S] * 2)
+
+
+def test_fetching_runs_the_collector_less_often_and_restores_it(local_store) -> None:
+    import gc  # noqa: PLC0415
+
+    from snapshotter._run import FETCH_GC_THRESHOLD  # noqa: PLC0415
+
+    seen: list[int] = []
+
+    def answer(e: int) -> dict:
+        seen.append(gc.get_threshold()[0])
+        return {"v": e}
+
+    make_selection(local_store, 50, 20)
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    try:
+        assert runner(local_store, Fleet({"svc": answer})).run(T0).state == "committed"
+        assert seen and set(seen) == {FETCH_GC_THRESHOLD}
+        assert gc.get_threshold()[0] == 700  # restored
+        seen.clear()
+        gc.set_threshold(0)  # a process that turned the collector off keeps it off
+        runner(local_store, Fleet({"svc": answer})).run(T0 - 1800 * US_PER_S)
+        assert seen and set(seen) == {0}
+    finally:
+        gc.set_threshold(*before)
