@@ -87,19 +87,31 @@ def _cadence_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--services", metavar="PATH", help="services TOML (SPEC §2)")
+    p.add_argument("--services", metavar="PATH", help="services TOML (SPEC §2); default: the "
+                   "snapshot services the feature repo (--repo) declares")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help=f"contexts per staged chunk ({DEFAULT_CHUNK_SIZE})")
 
 
 def _services(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.services:
-        raise InvalidRunOption("no services: pass --services PATH (a TOML file)",
-                               field="services")
-    from ._services import load_services
+    """The services of ``--services``, else those the feature repo declares (SPEC §2)."""
+    if args.services:
+        from ._services import load_services
 
-    services: dict[str, Any] = load_services(args.services)
-    return services
+        services: dict[str, Any] = load_services(args.services)
+        return services
+    if not args.repo:
+        raise InvalidRunOption("no services: pass --services PATH (a TOML file), or a feature "
+                               "repo (--repo PATH or TIMETRAVEL_REPO) that declares them",
+                               field="services")
+    # The repo loader lives with the engine, which builds on this package: imported late.
+    from timetravel_api import FeatureRepo  # noqa: PLC0415
+
+    repo = FeatureRepo.load(args.repo)
+    if not repo.services:
+        raise InvalidRunOption(f"the feature repo {args.repo} declares no snapshot services; "
+                               "pass --services PATH", field="services")
+    return dict(repo.services)
 
 
 @contextmanager

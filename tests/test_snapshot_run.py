@@ -724,3 +724,29 @@ def test_fetching_runs_the_collector_less_often_and_restores_it(local_store) -> 
         assert seen and set(seen) == {0}
     finally:
         gc.set_threshold(*before)
+
+
+def test_run_takes_its_services_from_the_feature_repo(local_store, tmp_path, capsys) -> None:
+    from ttstore._cli import main  # noqa: PLC0415
+
+    world = World(seed=4, members=60, start_us=W_START)
+    slot = W_START + 2 * DAY
+    world_selection(local_store, world, 20, slot - DAY)
+    base = ["snapshot", "run", "--store", local_store.url, "--slot", format_timestamp(slot),
+            "--now", format_timestamp(slot + 60 * US_PER_S)]
+    empty = tmp_path / "empty_repo.py"
+    empty.write_text("x = 1\n")
+    assert main([*base, "--repo", str(empty)]) == 2
+    assert "declares no snapshot services" in capsys.readouterr().err
+    with running_world(world) as rw:
+        rw.state.clock.set(slot)
+        repo = tmp_path / "repo.py"
+        repo.write_text(
+            "from snapshotter import ServiceConfig\n"
+            f"profile = ServiceConfig(name='profile', url='{rw.url}/v1/profile/{{entity_id}}')\n"
+        )
+        assert main([*base, "--repo", str(repo)]) == 0
+    m = load_manifest(local_store, slot)
+    assert m is not None and sorted(m.services) == ["profile"]
+    assert m.services["profile"].fetched_ok == 20
+    assert m.services["profile"].config["url"].startswith(rw.url)
