@@ -46,6 +46,8 @@ from ttstore import (
 from ._errors import RunAlreadyCommitted
 from ._manifest import (
     DEFAULT_MAX_STALENESS,
+    PUBLISH_PREFIX,
+    STAGING_PREFIX,
     PartManifest,
     RunManifest,
     RunPlan,
@@ -53,6 +55,7 @@ from ._manifest import (
     StagedChunk,
     data_key,
     manifest_key,
+    parse_slot_name,
     part_key,
     staging_prefix,
     unpublished_key,
@@ -221,11 +224,39 @@ def publish_run(store: Store, manifest: RunManifest) -> int:
             if h not in waiting:
                 continue  # published already
             if not store.exists(final):
+                try:
+                    data = store.get(h)
+                except ObjectNotFound:
+                    continue  # another process published it meanwhile
                 with contextlib.suppress(ObjectExists):
-                    store.put_if_absent(final, store.get(h))
+                    store.put_if_absent(final, data)
                 copied += 1
             store.delete(h)
     return copied
+
+
+def unfinished_commits(store: Store) -> list[int]:
+    """Slots whose run is committed but whose publishing or staging cleanup was left undone (a
+    crash after the commit point), oldest first: what every run finishes before its own, so a
+    slot that is never run again is still published. Two listings, plus one existence check
+    per slot found."""
+    names: set[str] = set()
+    for o in store.list(PUBLISH_PREFIX):  # _publish/service=S/slot=NAME/part-...
+        for segment in o.key[len(PUBLISH_PREFIX) + 1:].split("/"):
+            if segment.startswith("slot="):
+                names.add(segment.removeprefix("slot="))
+                break
+    for o in store.list(STAGING_PREFIX):  # _staging/NAME/...
+        names.add(o.key[len(STAGING_PREFIX) + 1:].split("/", 1)[0])
+    slots = []
+    for name in names:
+        try:
+            slot_us = parse_slot_name(name)
+        except ValueError:
+            continue
+        if store.exists(manifest_key(slot_us)):
+            slots.append(slot_us)
+    return sorted(slots)
 
 
 def put_manifest(store: Store, manifest: RunManifest) -> None:

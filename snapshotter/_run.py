@@ -30,7 +30,14 @@ import pyarrow.compute as pc
 
 from ttstore import Clock, ObjectExists, ObjectNotFound, Store, format_timestamp
 
-from ._commit import cleanup_staging, commit_part, commit_run, committed_parts, publish_run
+from ._commit import (
+    cleanup_staging,
+    commit_part,
+    commit_run,
+    committed_parts,
+    publish_run,
+    unfinished_commits,
+)
 from ._errors import InvalidRunOption, RunAlreadyCommitted, RunConflict, SelectionNotFound
 from ._manifest import (
     RunManifest,
@@ -215,6 +222,7 @@ class SnapshotRunner:
                 f"({format_timestamp(self.clock.now_us())}): a run cannot snapshot the future",
                 field="slot",
             )
+        self._finish_earlier(slot_us)
         done = load_manifest(self.store, slot_us)
         if done is not None:
             self._finish(done)  # a crash after the commit may have left these undone
@@ -257,6 +265,17 @@ class SnapshotRunner:
         log.info("event=run_committed run_id=%s", plan.run_id)
         cleanup_staging(self.store, slot_us)
         return RunOutcome("committed", slot_us, plan.run_id, manifest)
+
+    def _finish_earlier(self, slot_us: int) -> None:
+        """Finish other slots' committed runs that a crash left unpublished or with staging:
+        the scheduler never runs an earlier slot again, so this is where they get finished."""
+        try:
+            for s in unfinished_commits(self.store):
+                done = load_manifest(self.store, s) if s != slot_us else None
+                if done is not None:
+                    self._finish(done)
+        except Exception as exc:  # noqa: BLE001 - this run goes on either way
+            log.warning("could not finish earlier commits: %s", exc)
 
     def _finish(self, done: RunManifest) -> None:
         """Publish a committed run's objects and delete its staging, if a crash after the commit

@@ -750,3 +750,31 @@ def test_run_takes_its_services_from_the_feature_repo(local_store, tmp_path, cap
     assert m is not None and sorted(m.services) == ["profile"]
     assert m.services["profile"].fetched_ok == 20
     assert m.services["profile"].config["url"].startswith(rw.url)
+
+
+def test_a_crash_while_publishing_is_finished_by_the_next_slot(store, monkeypatch):
+    """Killed part-way through publishing (one object copied): the next run, of another slot
+    (a scheduler never runs the old one again), publishes the rest and deletes the staging."""
+    make_selection(store, 400, 95)
+    fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
+    real_delete = store.delete
+
+    def dies_after_the_first_copy(key):
+        if "/_publish/" in key:
+            raise KeyboardInterrupt
+        real_delete(key)
+
+    monkeypatch.setattr(store, "delete", dies_after_the_first_copy)
+    with pytest.raises(KeyboardInterrupt):
+        runner(store, fleet).run(T0)
+    monkeypatch.undo()
+    assert load_manifest(store, T0) is not None
+    assert len(store.list("snapshots/runs/_publish/")) == 2  # one copied, its copy not deleted
+    assert sorted((external_rows(store, "history"), external_rows(store, "profile"))) == [0, 95]
+    assert store.list("snapshots/runs/_staging/") != []
+    later = T0 + 12 * 3600 * US_PER_S
+    out = runner(store, fleet, clock=ManualClock(later + 60 * US_PER_S)).run(later)
+    assert out.state == "committed"
+    assert external_rows(store, "history") == 2 * 95 and external_rows(store, "profile") == 2 * 95
+    assert store.list("snapshots/runs/_publish/") == []
+    assert store.list("snapshots/runs/_staging/") == []
