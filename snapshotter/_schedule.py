@@ -129,6 +129,15 @@ class Scheduler:
                     if self._wait(self.retry_s):
                         break
                     continue
+                except Exception as exc:  # noqa: BLE001 - a bug or an unwrapped library error
+                    # A long-running scheduler outlives it: logged with its traceback, retried.
+                    log.exception(
+                        "event=run_failed slot=%s error=%r unexpected retry_in_s=%.0f",
+                        format_timestamp(slot), exc, self.retry_s,
+                    )
+                    if self._wait(self.retry_s):
+                        break
+                    continue
                 log.info("event=slot_done %s", getattr(outcome, "message", outcome))
                 done = slot
                 ticks += 1

@@ -117,6 +117,17 @@ def test_a_failed_slot_is_retried():
     assert h.waits == [30.0, 30.0]
 
 
+def test_an_unexpected_error_is_logged_with_its_traceback_and_retried(caplog):
+    slot = ts("2026-11-20T12:00:00Z")
+    h = Harness("2026-11-20T12:00:05Z", committed=[], fail={slot: [RuntimeError("a bug")]})
+    with caplog.at_level("ERROR", logger="snapshotter"):
+        h.scheduler(Cadence.parse(every="12h"), max_ticks=1).run_forever()
+    assert h.ran == [slot, slot]
+    assert h.waits == [30.0]
+    [rec] = [r for r in caplog.records if "run_failed" in r.getMessage()]
+    assert "a bug" in rec.getMessage() and rec.exc_info is not None
+
+
 def test_stops_on_interrupt_and_on_stop():
     slot = ts("2026-11-20T12:00:00Z")
     h = Harness("2026-11-20T12:00:05Z", committed=[], fail={slot: [RunInterrupted("sigterm")]})
