@@ -226,6 +226,11 @@ class SnapshotRunner:
         done = load_manifest(self.store, slot_us)
         if done is not None:
             self._finish(done)  # a crash after the commit may have left these undone
+            if selection_id is not None and selection_id != done.selection_id:
+                raise RunConflict(
+                    f"slot {format_timestamp(slot_us)} was committed with selection "
+                    f"{done.selection_id}, not {selection_id}: a slot has one run"
+                )
             return RunOutcome("already_committed", slot_us, done.run_id, done)
         plan = self._plan(slot_us, shards=shards, selection_id=selection_id)
         if shard is not None and not 0 <= shard < plan.shards:

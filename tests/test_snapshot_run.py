@@ -217,6 +217,10 @@ def test_run_commits_rows_manifest_and_is_idempotent(store):
     assert again.state == "already_committed"
     assert "already committed" in again.message
     assert fleet.requested("history") == 95  # the no-op fetched nothing
+    assert runner(store, fleet).run(T0, selection_id=sid).state == "already_committed"
+    other = make_selection(store, 300, 40, at_us=T0 - 1800 * US_PER_S)
+    with pytest.raises(RunConflict, match=f"committed with selection {sid}, not {other}"):
+        runner(store, fleet).run(T0, selection_id=other)
 
 
 def test_second_commit_of_a_slot_is_refused(local_store):
