@@ -782,3 +782,31 @@ def test_a_crash_while_publishing_is_finished_by_the_next_slot(store, monkeypatc
     assert external_rows(store, "history") == 2 * 95 and external_rows(store, "profile") == 2 * 95
     assert store.list("snapshots/runs/_publish/") == []
     assert store.list("snapshots/runs/_staging/") == []
+
+
+def test_qps_limit_holds_across_shard_processes(local_store, tmp_path):
+    """Two `snapshot run --shard i/2` processes at once against one service: each keeps to
+    max_qps / 2, so the service never sees more than max_qps started in any one-second window;
+    both ran at the same time (more than one shard's share in some window), and the run commits
+    once both parts are in."""
+    world = World(seed=8, members=400, start_us=W_START)
+    now = W_START + 3 * DAY
+    world_selection(local_store, world, 120, now - DAY)
+    slot = format_timestamp(now)
+    with running_world(world) as rw:
+        rw.state.clock.set(now)
+        path = tmp_path / "services.toml"
+        path.write_text(rw.services_toml(batch=False, services=("profile",), max_qps=20,
+                                         max_concurrency=8))
+        procs = [subprocess.Popen([*CLI, "snapshot", "run", "--store", local_store.url,
+                                   "--services", str(path), "--slot", slot, "--now", slot,
+                                   "--shard", f"{i}/2", "--chunk-size", "20"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        served = rw.control.stats()["services"]["profile"]
+    assert served["requests"] == 120
+    assert 10 < served["max_started_in_any_1s"] <= 20
+    m = load_manifest(local_store, now)
+    assert m is not None and m.shards == 2 and m.services["profile"].fetched_ok == 120
