@@ -293,20 +293,29 @@ def test_selection_invariants_vs_reference(strata_of: list[str], extra: int, all
     assert set(cs.table["entity_id"].to_pylist()) == expected
 
 
-def test_tiny_one_member_and_everyone() -> None:
+@pytest.mark.parametrize(("allocation", "big"), [
+    ("proportional", (100, 8, 12.5)),
+    ("equal", (100, 7, 100 / 7)),  # 10/3 each: "one" and "two" are capped, "big" takes the rest
+    ("neyman", (100, 8, 12.5)),  # N_h * S_h: "one" has no spread, "two" little
+])
+def test_tiny_one_member_and_everyone(allocation: str, big: tuple[int, int, float]) -> None:
     pop = pa.table({"entity_id": list(range(103)),
-                    "seg": ["big"] * 100 + ["one"] + ["two"] * 2})
-    cs = select_contexts(pop, n=10, selected_at_us=T0, strata=["seg"])
+                    "seg": ["big"] * 100 + ["one"] + ["two"] * 2,
+                    "v": [float(i) for i in range(103)]})
+    kw = {"strata": ["seg"], "allocation": allocation,
+          "variability_col": "v" if allocation == "neyman" else None}
+    cs = select_contexts(pop, n=10, selected_at_us=T0, **kw)
     check_invariants(cs, pop, 10, ["seg"])
     detail = {s.name: (s.population_size, s.sample_size, s.weight)
               for s in cs.design.strata_detail}
-    assert detail == {"seg=big": (100, 8, 12.5), "seg=one": (1, 1, 1.0), "seg=two": (2, 1, 2.0)}
-    everyone = select_contexts(pop, n=1000, selected_at_us=T0, strata=["seg"])
+    two = (2, 2, 1.0) if allocation == "equal" else (2, 1, 2.0)
+    assert detail == {"seg=big": pytest.approx(big), "seg=one": (1, 1, 1.0), "seg=two": two}
+    everyone = select_contexts(pop, n=1000, selected_at_us=T0, **kw)
     check_invariants(everyone, pop, 1000, ["seg"])
     assert everyone.table["weight"].to_pylist() == [1.0] * 103
     assert "everyone" in everyone.design.notes[0]
     with pytest.raises(SelectionError) as err:
-        select_contexts(pop, n=2, selected_at_us=T0, strata=["seg"])
+        select_contexts(pop, n=2, selected_at_us=T0, **kw)
     assert err.value.code == "too_few_samples"
 
 
