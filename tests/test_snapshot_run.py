@@ -810,3 +810,28 @@ def test_qps_limit_holds_across_shard_processes(local_store, tmp_path):
     assert 10 < served["max_started_in_any_1s"] <= 20
     m = load_manifest(local_store, now)
     assert m is not None and m.shards == 2 and m.services["profile"].fetched_ok == 120
+
+
+def test_no_secret_reaches_the_store(local_store, monkeypatch) -> None:
+    """A header read from the environment and a password in the URL are used on the wire but
+    written nowhere: not in the plan, the parts, the manifest, nor any other object."""
+    monkeypatch.setenv("TT_TEST_TOKEN", "sekrit-token-123")
+    world = World(seed=6, members=80, start_us=W_START)
+    now = W_START + 4 * DAY
+    world_selection(local_store, world, 30, now - DAY)
+    with running_world(world) as rw:
+        rw.state.clock.set(now)
+        url = rw.url.replace("http://", "http://user:pa55word-xyz@")
+        svcs = parse_services({"services": {"profile": {
+            "url": f"{url}/v1/profile/{{entity_id}}",
+            "headers": {"X-Api-Key": "key ${TT_TEST_TOKEN}"},
+        }}})
+        out = SnapshotRunner(local_store, svcs, clock=ManualClock(now)).run(now)
+    assert out.state == "committed" and out.manifest is not None
+    assert out.manifest.services["profile"].fetched_ok == 30
+    assert out.manifest.services["profile"].config["headers"] == {"X-Api-Key": "<redacted>"}
+    keys = [o.key for o in local_store.list("")]
+    assert any(k.endswith(".json") for k in keys) and any(k.endswith(".parquet") for k in keys)
+    for k in keys:
+        body = local_store.get(k)
+        assert b"sekrit-token-123" not in body and b"pa55word-xyz" not in body, k
