@@ -149,6 +149,12 @@ def _default_fetcher_factory(config: Any, qps_share: float) -> Any:
     return ServiceFetcher(config, qps_share=qps_share)
 
 
+#: What a resumed or other shard's invocation must share with the slot's plan: what a row means
+#: (which service answered, its key type, how long it is fresh). Timeouts, retries, concurrency,
+#: QPS, headers and batching may change between invocations, to nurse a struggling service.
+_PINNED_CONFIG = ("url", "entity_type", "max_staleness")
+
+
 def public_config(config: Any) -> dict[str, Any]:
     """A service's configuration without secrets, as recorded in plans and manifests."""
     body = config.public_json()
@@ -348,6 +354,14 @@ class SnapshotRunner:
                 f"slot {slot} was started with services {sorted(plan.services)}, "
                 f"not {sorted(self.services)}"
             )
+        for name, config in sorted(self.services.items()):
+            mine, pinned = public_config(config), plan.services[name]
+            for key in _PINNED_CONFIG:
+                if mine.get(key) != pinned.get(key):
+                    raise RunConflict(
+                        f"slot {slot} was started with {name}.{key} = {pinned.get(key)!r}, not "
+                        f"{mine.get(key)!r}: one run's rows come from one service"
+                    )
 
     # -- one shard -----------------------------------------------------------------------------
     async def _stage_shard(

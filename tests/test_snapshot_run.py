@@ -256,6 +256,13 @@ def test_interrupted_run_shows_nothing_and_resumes_without_refetching(store):
     assert pending.missing_shards == [0]
     assert [r["state"] for r in list_runs(store)] == ["pending"]
 
+    class Moved(Config):
+        def public_json(self) -> dict:
+            return {**super().public_json(), "url": "local://elsewhere", "timeout_s": 9}
+
+    with pytest.raises(RunConflict, match="history.url = 'local://history'"):
+        SnapshotRunner(store, {"history": Moved("history")}, clock=ManualClock(T0 + 60 * US_PER_S),
+                       fetcher_factory=Fleet({"history": history}).factory).run(T0)
     fleet2 = Fleet({"history": history})
     out = runner(store, fleet2, chunk_size=999).run(T0)  # the plan's chunk size stands
     assert out.state == "committed"
