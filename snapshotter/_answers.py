@@ -7,7 +7,7 @@ makes no object per row on its way to Arrow; plug-in fetchers that answer row by
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,6 +43,9 @@ class Answers:
     latency_s: list[float]
     attempts: list[int]
     error_kind: list[str | None]
+    #: When each row's answer (or its last failed attempt) came back, by the run's clock; None
+    #: when the fetcher does not say (the run then stamps the chunk with one reading).
+    captured_us: list[int] | None = None
 
     @classmethod
     def blank(cls, n: int) -> Answers:
@@ -70,4 +73,6 @@ class ColumnFetcher(Protocol):
     """A fetcher that also answers a chunk as columns (the HTTP fetcher does): a run takes
     :meth:`fetch_answers` where there is one, and ``fetch`` otherwise."""
 
-    async def fetch_answers(self, entities: Sequence[Any]) -> Answers: ...
+    async def fetch_answers(
+        self, entities: Sequence[Any], *, now: Callable[[], int] | None = None
+    ) -> Answers: ...

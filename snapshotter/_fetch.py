@@ -214,17 +214,22 @@ class ServiceFetcher:
             )
         ]
 
-    async def fetch_answers(self, entities: Sequence[int | str]) -> Answers:
+    async def fetch_answers(
+        self, entities: Sequence[int | str], *, now: Callable[[], int] | None = None
+    ) -> Answers:
         """:meth:`fetch` as columns (what a run stages): no object per row.
 
         Args:
             entities: keys of the service's ``entity_type``.
+            now: a clock (microseconds); when given, each row's ``captured_us`` is its reading
+                as the row's answer came back (once per batch request).
 
         Returns:
             The answers, aligned with ``entities``.
         """
         n = len(entities)
         out = Answers.blank(n)
+        captured = out.captured_us = None if now is None else [0] * n
         if self.config.uses_batch:
             units = [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
         else:
@@ -238,8 +243,12 @@ class ServiceFetcher:
             for lo, hi in todo:
                 if self.config.uses_batch:
                     await self._fetch_batch(entities, lo, hi, out)
+                    if captured is not None and now is not None:
+                        captured[lo:hi] = [now()] * (hi - lo)
                 else:
                     await self._fetch_one(entities[lo], lo, out)
+                    if captured is not None and now is not None:
+                        captured[lo] = now()
 
         async with asyncio.TaskGroup() as tg:
             for _ in range(min(len(units), self.config.max_concurrency * _ADMIT_PER_SLOT)):

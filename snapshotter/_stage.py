@@ -5,8 +5,10 @@ Memory stays flat: a service has at most ``window`` chunks in flight, and a chun
 soon as its answers are in. A chunk's name is its position in the shard's pinned context order,
 so a resumed run finds what it already staged and fetches only the rest.
 
-``captured_at`` of a chunk's rows is the run clock when the chunk's fetch returned: an upper
-bound on when each answer was observed, so a query at ``t`` never sees a state from after ``t``.
+``captured_at`` of a row is the run clock when its answer came back (the HTTP fetcher reads it
+per row, once per batch request; for a fetcher that does not, every row of the chunk gets the
+reading taken when the chunk's fetch returned): an upper bound on when the answer was observed,
+so a query at ``t`` never sees a state from after ``t``.
 """
 
 from __future__ import annotations
@@ -133,7 +135,11 @@ def chunk_table(
             pa.array(np.zeros(n, np.int32)), pa.array([run_id], pa.string())
         ),
         "entity_id": entities,
-        "captured_at": pa.array(np.full(n, captured_at_us, dtype=np.int64), TIMESTAMP_TYPE),
+        "captured_at": pa.array(
+            np.full(n, captured_at_us, dtype=np.int64) if a.captured_us is None
+            else np.minimum(np.asarray(a.captured_us, dtype=np.int64), captured_at_us),
+            TIMESTAMP_TYPE,
+        ),
         "status": pa.array(a.status, pa.string()),
         "error_kind": pa.array(a.error_kind, pa.string()),
         "attempts": pa.array(a.attempts, pa.int32()),
@@ -282,7 +288,7 @@ class ServiceStager:
             asked = ents.to_pylist()
             if isinstance(self.fetcher, ColumnFetcher):
                 results: Answers | Sequence[FetchResultLike] = (
-                    await self.fetcher.fetch_answers(asked)
+                    await self.fetcher.fetch_answers(asked, now=self.clock.now_us)
                 )
             else:
                 results = await self.fetcher.fetch(asked)

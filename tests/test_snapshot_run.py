@@ -842,3 +842,39 @@ def test_no_secret_reaches_the_store(local_store, monkeypatch) -> None:
     for k in keys:
         body = local_store.get(k)
         assert b"sekrit-token-123" not in body and b"pa55word-xyz" not in body, k
+
+
+class _Ticking:
+    """A run clock that moves 1 ms on every reading: each reading is distinct."""
+
+    def __init__(self, start_us: int) -> None:
+        self.t = start_us
+        self.lock = threading.Lock()
+
+    def now_us(self) -> int:
+        with self.lock:
+            self.t += 1000
+            return self.t
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_captured_at_is_each_answers_arrival(local_store, batch) -> None:
+    """Each row's captured_at is the run clock when its own answer came back: one reading per
+    GET, one per batch request; all before the chunk's fetch returned and the commit."""
+    world = World(seed=9, members=90, start_us=W_START)
+    slot = W_START + 5 * DAY
+    world_selection(local_store, world, 40, slot - DAY)
+    clock = _Ticking(slot + 60 * US_PER_S)
+    with running_world(world) as rw:
+        rw.state.clock.set(slot)
+        svcs = world_services(rw, batch=batch, services=("profile",), max_concurrency=4,
+                              batch_size=5)
+        start = clock.now_us()
+        out = SnapshotRunner(local_store, svcs, clock=clock, chunk_size=20).run(slot)
+    assert out.state == "committed" and out.manifest is not None
+    [obj] = out.manifest.services["profile"].objects
+    at = [int(x.timestamp() * 1e6) for x in
+          local_store.read_parquet(obj).column("captured_at").to_pylist()]
+    assert len(at) == 40
+    assert all(start < x < out.manifest.committed_at_us for x in at)
+    assert len(set(at)) == (8 if batch else 40)  # 40 rows: 8 batches of 5, or 40 GETs
