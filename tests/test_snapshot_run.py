@@ -272,7 +272,15 @@ def test_interrupted_run_shows_nothing_and_resumes_without_refetching(store):
     assert out.manifest is not None and out.manifest.services["history"].requested == 120
 
 
-def test_two_shards_visible_only_when_both_commit(store):
+def _list_text(store, capsys) -> list[str]:
+    from ttstore._cli import main  # noqa: PLC0415
+
+    capsys.readouterr()
+    assert main(["snapshot", "list", "--store", store.url]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_two_shards_visible_only_when_both_commit(store, capsys):
     sid = make_selection(store, 600, 150)
     fleet = Fleet({"history": history, "profile": lambda e: {"age": e % 90}})
     first = runner(store, fleet).run(T0, shard=1, shards=2)
@@ -281,6 +289,10 @@ def test_two_shards_visible_only_when_both_commit(store):
     assert SnapshotReader(store).runs() == []
     [row] = list_runs(store)
     assert row["state"] == "pending" and row["missing_shards"] == [0]
+    header, line = _list_text(store, capsys)
+    assert header.split()[:3] == ["SLOT", "STATE", "RUN_ID"]
+    assert line.split()[:3] == ["2026-11-20T12:00:00.000000Z", "pending", first.run_id]
+    assert line.endswith("incomplete: shard(s) 0 of 2 not committed")
     with pytest.raises(RunConflict):
         runner(store, fleet).run(T0, shard=0, shards=3)
     with pytest.raises(RunConflict):
@@ -298,6 +310,10 @@ def test_two_shards_visible_only_when_both_commit(store):
     assert external_rows(store, "profile") == 150
     [row] = list_runs(store)
     assert row["state"] == "committed" and row["missing_shards"] == []
+    _, line = _list_text(store, capsys)
+    h = second.manifest.services["history"].confidence
+    assert line.split()[1] == "committed" and line.split()[3] == sid
+    assert line.endswith(f"history={h:.3f} profile=1.000")
 
 
 def test_shard_split_is_stable_and_partitions():
