@@ -273,11 +273,9 @@ def test_interrupted_run_shows_nothing_and_resumes_without_refetching(store):
 
 
 def _list_text(store, capsys) -> list[str]:
-    from ttstore._cli import main  # noqa: PLC0415
-
-    capsys.readouterr()
-    assert main(["snapshot", "list", "--store", store.url]) == 0
-    return capsys.readouterr().out.splitlines()
+    code, out, _ = run_main(capsys, "snapshot", "list", "--store", store.url)
+    assert code == 0
+    return out.splitlines()
 
 
 def test_two_shards_visible_only_when_both_commit(store, capsys):
@@ -521,12 +519,14 @@ def staged_chunks(store, service: str) -> int:
                if f"/{service}/chunk-" in o.key)
 
 
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """The CLI in this process (cheaper than a subprocess when no kill is involved)."""
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (cheaper than a subprocess when no kill is involved): its exit
+    code, stdout and stderr."""
     from ttstore._cli import main
 
     code = main(list(args))
-    return code, capsys.readouterr().out
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_sigkill_leaves_nothing_visible_and_resume_refetches_only_the_rest(store, tmp_path,
@@ -569,7 +569,7 @@ def test_sigkill_leaves_nothing_visible_and_resume_refetches_only_the_rest(store
         # Resume: only the chunks not staged are fetched again.
         rw.control.set_faults("viewing_history", latency_median_ms=0.0)
         rw.control.reset_stats()
-        code, out = run_main(capsys, *args)
+        code, out, _ = run_main(capsys, *args)
         assert code == 0
         assert "committed run" in out
         ids = {s: rw.control.stats()["services"][s]["ids_requested"] for s in SERVICES}
@@ -581,13 +581,13 @@ def test_sigkill_leaves_nothing_visible_and_resume_refetches_only_the_rest(store
 
         # The same slot again: a no-op that says so; a second commit is refused.
         rw.control.reset_stats()
-        code, out = run_main(capsys, *args)
+        code, out, _ = run_main(capsys, *args)
         assert code == 0 and "already committed" in out
         assert rw.control.stats()["services"]["viewing_history"]["requests"] == 0
         with pytest.raises(RunAlreadyCommitted):
             put_manifest(store, m)
         assert load_manifest(store, now) == m
-        code, out = run_main(capsys, "snapshot", "list", "--store", store.url, "--json")
+        code, out, _ = run_main(capsys, "snapshot", "list", "--store", store.url, "--json")
         [row] = [json.loads(line) for line in out.splitlines()]
         assert row["state"] == "committed" and row["services"]["viewing_history"][
             "confidence"] == 1.0
@@ -755,8 +755,6 @@ def test_fetching_runs_the_collector_less_often_and_restores_it(local_store) -> 
 
 
 def test_run_takes_its_services_from_the_feature_repo(local_store, tmp_path, capsys) -> None:
-    from ttstore._cli import main  # noqa: PLC0415
-
     world = World(seed=4, members=60, start_us=W_START)
     slot = W_START + 2 * DAY
     world_selection(local_store, world, 20, slot - DAY)
@@ -764,8 +762,8 @@ def test_run_takes_its_services_from_the_feature_repo(local_store, tmp_path, cap
             "--now", format_timestamp(slot + 60 * US_PER_S)]
     empty = tmp_path / "empty_repo.py"
     empty.write_text("x = 1\n")
-    assert main([*base, "--repo", str(empty)]) == 2
-    assert "declares no snapshot services" in capsys.readouterr().err
+    code, _, err = run_main(capsys, *base, "--repo", str(empty))
+    assert code == 2 and "declares no snapshot services" in err
     with running_world(world) as rw:
         rw.state.clock.set(slot)
         repo = tmp_path / "repo.py"
@@ -773,7 +771,7 @@ def test_run_takes_its_services_from_the_feature_repo(local_store, tmp_path, cap
             "from snapshotter import ServiceConfig\n"
             f"profile = ServiceConfig(name='profile', url='{rw.url}/v1/profile/{{entity_id}}')\n"
         )
-        assert main([*base, "--repo", str(repo)]) == 0
+        assert run_main(capsys, *base, "--repo", str(repo))[0] == 0
     m = load_manifest(local_store, slot)
     assert m is not None and sorted(m.services) == ["profile"]
     assert m.services["profile"].fetched_ok == 20
