@@ -9,6 +9,11 @@ itself runs in a child process, so its peak RSS is its own (not the selection's,
 harness's); the figure is contexts per second from the start of the run to its committed
 manifest, each context fetched from all three services. Every run's manifest is checked: all N
 contexts requested and answered, for every service.
+
+The per-entity run's baseline, measured right after it against the same answers: a bare aiohttp
+client and server, each in its own process, moving the same requests and nothing else (see
+``bench._bare_http``), the ceiling of any aiohttp client of aiohttp services on the host at that
+moment. The host's speed varies by 2-3x from hour to hour; the ratio much less.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import json
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from simworld import ENTITY_SERVICES, World, spawn_world
 from snapshotter import save_selection, select_contexts
 from ttstore import ManualClock, Store, format_timestamp, parse_timestamp
 
+from ._bare_http import bare_contexts_per_s
 from ._types import Result, at_least, at_most
 
 NOW = parse_timestamp("2026-11-01T00:00:00Z", field="now")
@@ -57,8 +64,22 @@ _LAUNCHER = [sys.executable, "-c",
              "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
 
 
+def _answers(url: str) -> dict[str, tuple[bytes, bytes]]:
+    """Per service, the world's answer for member 1 and its batch answer for members 1-100."""
+    out = {}
+    for s in ENTITY_SERVICES:
+        with urllib.request.urlopen(f"{url}/v1/{s}/1") as r:
+            one = r.read()
+        req = urllib.request.Request(f"{url}/v1/{s}:batchGet", method="POST",
+                                     data=json.dumps({"ids": list(range(1, 101))}).encode())
+        with urllib.request.urlopen(req) as r:
+            out[s] = (one, r.read())
+    return out
+
+
 def _one_run(n: int, *, batch: bool, workdir: Path) -> dict[str, object]:
-    """Snapshot ``n`` contexts of a world of ``n`` members; the child's figures."""
+    """Snapshot ``n`` contexts of a world of ``n`` members; the child's figures, and
+    ``bare_per_s``: the bare aiohttp pair's contexts per second right after."""
     world = World(seed=SEED, members=n, start_us=NOW)
     store = Store(str(workdir / f"store-{'batch' if batch else 'single'}-{n}"))
     cs = select_contexts(world.population(NOW - 1), n=n, selected_at_us=NOW - 1,
@@ -72,6 +93,7 @@ def _one_run(n: int, *, batch: bool, workdir: Path) -> dict[str, object]:
                                             timeout_s=10.0, max_qps=None))
         r = subprocess.run([*_LAUNCHER, sys.executable, "-c", _CHILD, store.url,
                             str(services), format_timestamp(NOW)], capture_output=True, text=True)
+        bodies = _answers(w.url)
     if r.returncode != 0:
         raise RuntimeError(f"snapshot run failed: {r.stderr[-2000:]}")
     got: dict[str, object] = json.loads(r.stdout)
@@ -80,6 +102,9 @@ def _one_run(n: int, *, batch: bool, workdir: Path) -> dict[str, object]:
         got["fetched_ok"] != expected
     ):
         raise RuntimeError(f"incomplete run: {got}")
+    # Per-entity runs are bound by HTTP at both ends, batch runs by parsing and typing the
+    # answers (see the README): only the former has the bare pair for a ceiling.
+    got["bare_per_s"] = None if batch else bare_contexts_per_s(bodies, n)
     return got
 
 
@@ -96,6 +121,8 @@ def run(quick: bool, *, n_batch: int | None = None, n_single: int | None = None)
             mode = "batch endpoints (100 ids)" if batch else "per-entity GETs"
             out.append(Result(
                 metric=f"snapshot run, {mode}", unit="contexts/s", value=n / seconds,
+                baseline=None if batch else float(got["bare_per_s"]),  # type: ignore[arg-type]
+                baseline_name=None if batch else "bare aiohttp pair",
                 target=at_least(10_000 if batch else 2_000),
                 note=note.format(n=n, extra="; fetch, typing, staging and commit"),
             ))
@@ -115,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-entity", type=int, default=None, help="contexts, per-entity run")
     args = ap.parse_args(argv)
     for r in run(args.quick, n_batch=args.batch, n_single=args.per_entity):
-        print(f"{r.metric}: {r.value:,.1f} {r.unit}  ({r.note})")
+        base = "" if r.baseline is None else (
+            f"; baseline {r.baseline_name}: {r.baseline:,.1f} {r.unit}, ratio {r.ratio:.2f}")
+        print(f"{r.metric}: {r.value:,.1f} {r.unit}{base}  ({r.note})")
     return 0
 
 

@@ -143,3 +143,43 @@ def test_tree_rss_sampler_adds_up_a_process_and_its_children() -> None:
         assert sampler.peak_mb is None
         return
     assert sampler.peak_mb is not None and 200 <= sampler.peak_mb < 400
+
+
+def test_bare_aiohttp_pair_sends_every_request_and_fails_loudly() -> None:
+    """The snapshot benchmark's ceiling: the bare client sends each context's request to every
+    service (one GET each, or one POST per batch) and refuses an answer that is not a 200."""
+    import asyncio
+
+    from aiohttp import web
+
+    from bench._bare_http import _app, _fetch, bare_contexts_per_s
+
+    bodies = {"a": (b'{"x": 1}', b'{"results": {}}'), "b": (b'{"y": 2}', b'{"results": {}}')}
+    seen: list[tuple[str, str]] = []
+
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append((request.method, request.path))
+
+    async def main(services: list[str], batch: int | None) -> None:
+        app = _app(bodies)
+        app.on_response_prepare.append(count)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            await _fetch(f"http://127.0.0.1:{port}", services, 30, batch=batch, concurrency=4)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main(["a", "b"], None))
+    assert sorted(seen) == sorted(("GET", f"/v1/{s}/{i}") for s in "ab" for i in range(1, 31))
+    seen.clear()
+    asyncio.run(main(["a", "b"], 10))
+    assert sorted(seen) == [("POST", "/v1/a:batchGet")] * 3 + [("POST", "/v1/b:batchGet")] * 3
+    with pytest.raises(ExceptionGroup) as failed:
+        asyncio.run(main(["a", "c"], None))
+    assert failed.group_contains(RuntimeError, match="answered 404")
+    # In two processes, as the benchmark measures it.
+    assert bare_contexts_per_s(bodies, 50) > 0
