@@ -361,6 +361,9 @@ class PendingRun:
 
     plan: RunPlan
     committed_shards: list[int]
+    #: When its newest staged object was written (the store's clock, µs): a crashed run stops
+    #: moving, a running one does not. None where the store gives no modification time.
+    last_write_us: int | None = None
 
     @property
     def missing_shards(self) -> list[int]:
@@ -372,8 +375,11 @@ def pending_runs(store: Store) -> list[PendingRun]:
     """Every planned run whose manifest is not committed, oldest slot first."""
     plans: dict[str, RunPlan] = {}
     parts: dict[str, list[int]] = {}
+    last_write: dict[str, int] = {}
     for o in store.list(STAGING_PREFIX):
         rest = o.key[len(STAGING_PREFIX) + 1 :].split("/")
+        if o.modified_us is not None:
+            last_write[rest[0]] = max(last_write.get(rest[0], o.modified_us), o.modified_us)
         if len(rest) == 2 and rest[1] == "plan.json":
             try:
                 plans[rest[0]] = RunPlan.from_json(store.get(o.key))
@@ -386,6 +392,6 @@ def pending_runs(store: Store) -> list[PendingRun]:
     for slot, plan in plans.items():
         if store.exists(manifest_key(plan.slot_us)):
             continue
-        out.append(PendingRun(plan, sorted(parts.get(slot, []))))
+        out.append(PendingRun(plan, sorted(parts.get(slot, [])), last_write.get(slot)))
     out.sort(key=lambda p: p.plan.slot_us)
     return out

@@ -245,6 +245,8 @@ def list_runs(store: Store) -> list[dict[str, Any]]:
             "selection_id": m.selection_id,
             "shards": m.shards,
             "missing_shards": [],
+            "started_at": format_timestamp(m.started_at_us),
+            "last_write_at": None,
             "committed_at": format_timestamp(m.committed_at_us),
             "services": {s: {"confidence": v.confidence, "requested": v.requested,
                              "fetched_ok": v.fetched_ok, "failed": v.failed}
@@ -258,6 +260,9 @@ def list_runs(store: Store) -> list[dict[str, Any]]:
             "selection_id": p.plan.selection_id,
             "shards": p.plan.shards,
             "missing_shards": p.missing_shards,
+            "started_at": format_timestamp(p.plan.created_at_us),
+            "last_write_at": (None if p.last_write_us is None
+                              else format_timestamp(p.last_write_us)),
             "committed_at": None,
             "services": dict.fromkeys(sorted(p.plan.services)),
         })
@@ -282,6 +287,8 @@ def _list(args: argparse.Namespace) -> int:
                 f"incomplete: shard(s) {missing} of {r['shards']} not committed"
                 if missing else "every part committed; the next run of this slot commits it"
             )
+            if r["last_write_at"]:
+                detail += f"; last write at {r['last_write_at']}"
         print(f"{r['slot']:27} {r['state']:9} {r['run_id']:27} {r['selection_id']:35} "
               f"{r['committed_at'] or '-':27} {detail}")
     return 0

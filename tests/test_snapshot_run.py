@@ -4,7 +4,10 @@ what an external reader (pyarrow reading the directory) can see."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ from snapshotter._runcli import list_runs
 from snapshotter._select import select_contexts
 from snapshotter._selections import save_selection
 from snapshotter._stage import LocalFetcher, shard_indices, stable_hash
-from ttstore import US_PER_S, ManualClock, Store, parse_timestamp
+from ttstore import US_PER_S, ManualClock, Store, format_timestamp, parse_timestamp
 
 T0 = parse_timestamp("2026-11-20T12:00:00Z", field="t")
 
@@ -246,15 +249,24 @@ def test_interrupted_run_shows_nothing_and_resumes_without_refetching(store):
             stop.set()
 
     fleet = Fleet({"history": history})
+    wall_before_us = time.time_ns() // 1000
     with pytest.raises(RunInterrupted):
         runner(store, fleet, on_chunk=on_chunk, stop=stop, chunk_size=20).run(T0)
+    wall_after_us = time.time_ns() // 1000
     staged = [o.key for o in store.list("snapshots/runs/_staging") if "chunk-" in o.key]
     assert 3 <= len(staged) < 6
     assert external_rows(store) == 0
     assert SnapshotReader(store).runs() == []
     [pending] = pending_runs(store)
     assert pending.missing_shards == [0]
-    assert [r["state"] for r in list_runs(store)] == ["pending"]
+    # The last write is the store's clock (S3 keeps whole seconds), not the run's manual clock:
+    # it tells an operator whether a pending run is still moving.
+    assert pending.last_write_us is not None
+    assert wall_before_us - 2 * US_PER_S <= pending.last_write_us <= wall_after_us + US_PER_S
+    [row] = list_runs(store)
+    assert row["state"] == "pending"
+    assert row["started_at"] == "2026-11-20T12:01:00.000000Z"  # the plan's, on the run's clock
+    assert row["last_write_at"] == format_timestamp(pending.last_write_us)
 
     class Moved(Config):
         def public_json(self) -> dict:
@@ -290,7 +302,8 @@ def test_two_shards_visible_only_when_both_commit(store, capsys):
     header, line = _list_text(store, capsys)
     assert header.split()[:3] == ["SLOT", "STATE", "RUN_ID"]
     assert line.split()[:3] == ["2026-11-20T12:00:00.000000Z", "pending", first.run_id]
-    assert line.endswith("incomplete: shard(s) 0 of 2 not committed")
+    assert ("incomplete: shard(s) 0 of 2 not committed; "
+            f"last write at {row['last_write_at']}") in line
     with pytest.raises(RunConflict):
         runner(store, fleet).run(T0, shard=0, shards=3)
     with pytest.raises(RunConflict):
@@ -308,6 +321,8 @@ def test_two_shards_visible_only_when_both_commit(store, capsys):
     assert external_rows(store, "profile") == 150
     [row] = list_runs(store)
     assert row["state"] == "committed" and row["missing_shards"] == []
+    assert row["started_at"] == format_timestamp(second.manifest.started_at_us)
+    assert row["last_write_at"] is None
     _, line = _list_text(store, capsys)
     h = second.manifest.services["history"].confidence
     assert line.split()[1] == "committed" and line.split()[3] == sid
@@ -500,12 +515,6 @@ def test_failing_service_retries_and_reports_confidence(local_store):
         rows = local_store.read_parquet(p2.objects[0])
         assert max(rows.column("attempts").to_pylist()) > 1
 
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from ttstore import format_timestamp  # noqa: E402
 
 CLI = [sys.executable, "-c", "from ttstore._cli import run; run()"]
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: A directory changed this recently (by its mtime/ctime) is read again on every listing.
 RACY_MARGIN_NS = 1_000_000_000
@@ -39,8 +39,19 @@ DEFAULT_MAX_DIRS = 50_000
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """An object in a listing.
+
+    Attributes:
+        key: its key.
+        size: its size in bytes.
+        modified_us: when it was written (the store's clock, microseconds since the epoch), as
+            ``Store.list`` gives it; None from cached listings (``Store.listing``). Not part of
+            equality: two listings of the same objects compare equal.
+    """
+
     key: str
     size: int
+    modified_us: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

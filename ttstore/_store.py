@@ -123,7 +123,8 @@ class LocalBackend:
     def list(self, prefix: str) -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
-            return [ObjectInfo(prefix, base.stat().st_size)]
+            st = base.stat()
+            return [ObjectInfo(prefix, st.st_size, st.st_mtime_ns // 1000)]
         # os.scandir with plain strings: the query server lists partitions on every request.
         out: list[ObjectInfo] = []
         skip = len(str(self.root)) + 1
@@ -141,10 +142,11 @@ class LocalBackend:
                     if e.name.startswith("_tmp.") or e.is_dir():  # a link to a directory
                         continue
                     try:
-                        size = e.stat().st_size
+                        st = e.stat()
                     except FileNotFoundError:
                         continue  # deleted while we walked
-                    out.append(ObjectInfo(e.path[skip:].replace(os.sep, "/"), size))
+                    out.append(ObjectInfo(e.path[skip:].replace(os.sep, "/"), st.st_size,
+                                          st.st_mtime_ns // 1000))
         out.sort(key=lambda o: o.key)
         return out
 
@@ -274,7 +276,9 @@ class S3Backend:
                 # A prefix "a/b" must not match "a/bc/...": keep exact key or children only.
                 if prefix and not (k == prefix or k.startswith(prefix.rstrip("/") + "/")):
                     continue
-                out.append(ObjectInfo(k, int(obj["Size"])))
+                modified = obj.get("LastModified")
+                out.append(ObjectInfo(k, int(obj["Size"]), None if modified is None else
+                                      int(modified.timestamp() * 1_000_000)))
             if not r.get("IsTruncated"):
                 break
             token = r.get("NextContinuationToken")
